@@ -1,0 +1,80 @@
+"""COCO metrics through pycocotools: summary stats, per-class AP, and per-image predictions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+
+STAT_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
+              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+
+
+def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox") -> dict:
+    """Return ``{"stats": {name: value}, "per_class": {class: {"AP": .., "AP50": ..}}}``.
+
+    With no detections at all pycocotools cannot build its results object, so every metric is 0.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    if not detections:
+        return {"stats": {k: 0.0 for k in STAT_NAMES}, "per_class": {n: {"AP": 0.0, "AP50": 0.0} for n in names.values()}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {k: max(float(v), 0.0) for k, v in zip(STAT_NAMES, ev.stats)}
+    precision = ev.eval["precision"]  # [iou, recall, class, area, maxdets]
+    per_class = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p_all = precision[:, :, k, 0, -1]
+        p_50 = precision[0, :, k, 0, -1]
+        per_class[names[cat_id]] = {
+            "AP": float(np.mean(p_all[p_all > -1])) if (p_all > -1).any() else 0.0,
+            "AP50": float(np.mean(p_50[p_50 > -1])) if (p_50 > -1).any() else 0.0,
+        }
+    return {"stats": stats, "per_class": per_class}
+
+
+def run_evaluation(cfg, data_dir, image_root, train_dir, out) -> dict:
+    """The evaluate stage: predict on the val split, score with COCOeval, write and log the results."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from detpipe import engine, tracking
+    from detpipe.data import CocoDetection
+    from detpipe.io import atomic_path, write_json
+    from detpipe.models import has_masks, load_checkpoint
+
+    data_dir, train_dir, out = Path(data_dir), Path(train_dir), Path(out)
+    device = engine.resolve_device(cfg.device)
+    model, meta = load_checkpoint(train_dir / "model.pt", device)
+    val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=has_masks(meta["model"]["name"]))
+    dets = engine.predict(model, val_set, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr)
+    types = ["bbox", "segm"] if val_set.with_masks else ["bbox"]
+    results = {t: coco_evaluate(val_set.coco, dets, t) for t in types}
+    metrics = {t: r["stats"] for t, r in results.items()}
+    metrics["num_images"] = len(val_set)
+    metrics["num_detections"] = len(dets)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "predictions.json", dets)
+    with atomic_path(out / "per_class.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", *[f"{t}_{k}" for t in types for k in ("AP", "AP50")]])
+        for name in results["bbox"]["per_class"]:
+            writer.writerow([name, *[round(results[t]["per_class"][name][k], 4) for t in types for k in ("AP", "AP50")]])
+    write_json(out / "metrics.json", metrics)
+    run = tracking.Run(json.loads((train_dir / "run.json").read_text())["run_id"])
+    run.log_metrics({f"eval_{t}_{k}": v for t in types for k, v in metrics[t].items()})
+    for name in ("metrics.json", "per_class.csv"):
+        run.log_artifact(out / name, "eval")
+    return metrics

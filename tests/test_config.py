@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detpipe import config
+from detpipe.errors import DetpipeError
+
+
+def edit(path: Path, fn) -> None:
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_repo_params_load_with_dot_access():
+    cfg = config.load(Path(__file__).parents[1] / "params/detpipe.yaml")
+    assert cfg.train.lr == 0.02 and cfg.model.name == "fcos"
+    assert cfg.data.source == "synthetic" and cfg.data.classes == ["circle", "square", "triangle", "cross"]
+
+
+def test_overrides_are_parsed_as_yaml(tiny_params):
+    cfg = config.load(tiny_params, ["train.lr=0.5", "train.amp=false", "model.name=retinanet"])
+    assert cfg.train.lr == 0.5 and cfg.train.amp is False and cfg.model.name == "retinanet"
+
+
+def test_integer_for_a_float_key_is_accepted(tiny_params):
+    assert config.load(tiny_params, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["train"].pop("lr"), "missing key train.lr"),
+    (lambda d: d["train"].update(lrr=0.1), "unknown key train.lrr; did you mean train.lr?"),
+    (lambda d: d["train"].update(epochs="ten"), "train.epochs must be an integer, got 'ten'"),
+    (lambda d: d["train"].update(epochs=True), "train.epochs must be an integer"),
+    (lambda d: d["model"].update(name="yolo"), "model.name is 'yolo'; choose one of"),
+    (lambda d: d.update(device="tpu"), "device is 'tpu'; choose one of auto, cpu, cuda"),
+    (lambda d: d.update(dataset="ballon"), "unknown dataset 'ballon'"),
+])
+def test_bad_params_name_the_key(tiny_params, mutate, message):
+    edit(tiny_params, mutate)
+    with pytest.raises(DetpipeError, match=message.replace("?", r"\?")):
+        config.load(tiny_params)
+
+
+def test_bad_dataset_entry_names_file_and_key(tiny_params):
+    registry = tiny_params.parent / "datasets.yaml"
+    edit(registry, lambda d: d["synthetic"]["generate"].pop("seed"))
+    with pytest.raises(DetpipeError, match=r"datasets.yaml: synthetic: missing key generate.seed"):
+        config.load(tiny_params)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("seed: 0\ntrain:\n  lr: [0.1\n")
+    with pytest.raises(DetpipeError, match=r"p.yaml:\d+: malformed YAML"):
+        config.load(bad)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(DetpipeError, match="params file is missing"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax(tiny_params):
+    with pytest.raises(DetpipeError, match="expected KEY=VALUE"):
+        config.load(tiny_params, ["train.lr"])
+
+
+def test_flatten_for_mlflow():
+    assert config.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {"a": 1, "b.c": 2, "b.d.e": 3}

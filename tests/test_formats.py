@@ -1,0 +1,126 @@
+import json
+
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from detpipe.convert import convert_dataset
+from detpipe.errors import DetpipeError
+from detpipe.formats import middle, polygon_area, synthetic, via
+
+
+def test_synthetic_is_seeded(tmp_path):
+    args = dict(num_train=3, num_val=2, image_size=64, max_objects=3, seed=7)
+    synthetic.generate(tmp_path / "a", **args)
+    synthetic.generate(tmp_path / "b", **args)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 3 + 2 + 2  # images plus one VIA file per split
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    synthetic.generate(tmp_path / "c", **{**args, "seed": 8})
+    assert (tmp_path / "c/train/train_00000.jpg").read_bytes() != (tmp_path / "a/train/train_00000.jpg").read_bytes()
+
+
+def test_converted_synthetic_loads_in_pycocotools(tiny_coco):
+    coco = COCO(str(tiny_coco / "coco/train.json"))
+    assert len(coco.getImgIds()) == 8
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(synthetic.CLASSES)
+    assert min(coco.getCatIds()) == 1
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        assert coco.annToMask(ann).sum() > 0
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0 and ann["area"] < w * h  # polygon area, not the box's
+    stats = json.loads((tiny_coco / "coco/stats.json").read_text())
+    assert stats["splits"]["train"]["images"] == 8
+    assert sum(stats["splits"]["train"]["objects_per_class"].values()) == len(coco.getAnnIds())
+    assert len(stats["content_hash"]) == 64
+
+
+def write_via(split_dir, entries, size=(100, 80)):
+    split_dir.mkdir(parents=True)
+    for entry in entries.values():
+        Image.new("RGB", size).save(split_dir / entry["filename"])
+    (split_dir / "via_region_data.json").write_text(json.dumps(entries))
+
+
+def region(shape, label="a"):
+    return {"shape_attributes": shape, "region_attributes": {"label": label} if label else {}}
+
+
+def test_via_shapes_both_versions_and_clipping(tmp_path):
+    poly = {"name": "polygon", "all_points_x": [10, 50, 50, 10], "all_points_y": [10, 10, 30, 30]}
+    rect = {"name": "rect", "x": 90, "y": 60, "width": 30, "height": 40}  # runs off the image: clipped
+    tiny = {"name": "rect", "x": 5, "y": 5, "width": 0.5, "height": 9}  # degenerate: dropped
+    circle = {"name": "circle", "cx": 50, "cy": 40, "r": 10}
+    entries = {
+        "one.jpg1": {"filename": "one.jpg", "regions": {"0": region(poly), "1": region(rect, "b")}},  # VIA 1.x
+        "two.jpg1": {"filename": "two.jpg", "regions": [region(circle, "b"), region(tiny)]},  # VIA 2.x
+    }
+    write_via(tmp_path / "train", entries)
+    write_via(tmp_path / "val", {"v.jpg1": {"filename": "v.jpg", "regions": []}})
+    out = via.convert(tmp_path, ["a", "b"], min_box_size=1)
+    coco, events = out["train"]
+    anns = coco["annotations"]
+    assert [a["category_id"] for a in anns] == [1, 2, 2]
+    assert anns[0]["bbox"] == [10, 10, 40, 20] and anns[0]["area"] == 800
+    assert anns[1]["bbox"] == [90, 60, 10, 20]
+    assert anns[2]["area"] == pytest.approx(3.14159 * 100, rel=0.01)
+    assert events == {"clipped_outside_image": 1, "dropped_degenerate": 1}
+    assert coco["images"][0] == {"id": 1, "file_name": "train/one.jpg", "width": 100, "height": 80}
+
+
+def test_single_class_needs_no_attribute(tmp_path):
+    poly = {"name": "polygon", "all_points_x": [1, 20, 20], "all_points_y": [1, 1, 20]}
+    write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": [region(poly, None)]}})
+    coco, _ = via.convert(tmp_path, ["balloon"], splits=("train",))["train"]
+    assert coco["annotations"][0]["category_id"] == 1
+
+
+@pytest.mark.parametrize("label, message", [("zebra", "unknown class 'zebra'"), (None, "no 'label' region attribute")])
+def test_bad_labels_are_named(tmp_path, label, message):
+    poly = {"name": "polygon", "all_points_x": [1, 20, 20], "all_points_y": [1, 1, 20]}
+    write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": [region(poly, label)]}})
+    with pytest.raises(DetpipeError, match=message):
+        via.convert(tmp_path, ["a", "b"], splits=("train",))
+
+
+def test_malformed_json_names_the_line(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train/via_region_data.json").write_text('{\n"a": {\n  "filename": "x.jpg",\n  oops\n}')
+    with pytest.raises(DetpipeError, match=r"via_region_data.json:4: malformed JSON"):
+        via.convert(tmp_path, ["a"], splits=("train",))
+
+
+def test_missing_image_is_named(tmp_path):
+    write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": []}})
+    (tmp_path / "train/x.jpg").unlink()
+    with pytest.raises(DetpipeError, match=r"x.jpg: image file is missing"):
+        via.convert(tmp_path, ["a"], splits=("train",))
+
+
+def test_failed_conversion_writes_nothing(tmp_path):
+    write_via(tmp_path / "raw/train", {"x": {"filename": "x.jpg", "regions": []}})
+    with pytest.raises(DetpipeError, match="val"):
+        convert_dataset("via", tmp_path / "raw", tmp_path / "coco", ["a"])
+    assert not (tmp_path / "coco").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def test_middle_format_round_trip(tiny_coco):
+    coco = json.loads((tiny_coco / "coco/val.json").read_text())
+    coco["annotations"][0]["iscrowd"] = 1
+    records = middle.from_coco(coco)
+    first = records[0]
+    assert set(first) == {"filename", "width", "height", "ann"}
+    assert set(first["ann"]) == {"bboxes", "labels", "bboxes_ignore", "labels_ignore"}
+    assert len(records[0]["ann"]["bboxes_ignore"]) == 1
+    assert min(lab for r in records for lab in r["ann"]["labels"]) >= 0  # 0-based, as mmdetection wants
+    back = middle.to_coco(records, [c["name"] for c in coco["categories"]])
+    assert [a["bbox"] for a in back["annotations"]] == pytest.approx(
+        [a["bbox"] for a in sorted(coco["annotations"], key=lambda a: (a["image_id"], a.get("iscrowd", 0)))])
+    arrays = middle.as_arrays(records)
+    assert arrays[0]["ann"]["bboxes"].shape[1] == 4
+
+
+def test_polygon_area():
+    assert polygon_area([0, 4, 4, 0], [0, 0, 3, 3]) == 12

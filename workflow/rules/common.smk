@@ -1,0 +1,21 @@
+# Shared by every rule: stage definitions come from detpipe/pipeline.py, the same source as dvc.yaml.
+import glob
+
+from detpipe.pipeline import STAGES, param_values
+
+LIBRARY = sorted(glob.glob("detpipe/**/*.py", recursive=True))
+
+
+def stage_input(name):
+    """The stage's script, every library file (a library edit reruns the stage) and its data inputs."""
+    return [STAGES[name].script, *LIBRARY, *STAGES[name].deps]
+
+
+def stage_output(name):
+    s = STAGES[name]
+    return [directory(o) if o in s.dir_outs else o for o in [*s.outs, *s.metrics]]
+
+
+def stage_params(name):
+    """Passed through `params:` so a changed value reruns the rule (a value read elsewhere would not)."""
+    return lambda wildcards: param_values(name)
