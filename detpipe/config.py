@@ -65,7 +65,8 @@ SOURCE_SCHEMA: dict[str, dict[str, Any]] = {
         "image_size": (int, "square image side in pixels"), "max_objects": (int, "objects per image, at most"),
         "seed": (int, "generator seed"),
     }},
-    "url": {"url": (str, "http(s) or file URL of an archive"), "sha256": (str, "expected sha256 of the archive")},
+    "url": {"url": (str, "http(s) or file URL of an archive"), "sha256": (str, "expected sha256 of the archive"),
+            "subdir": (str, "folder inside the archive that holds the dataset (\"\" for its top)")},
     "local": {"path": (str, "folder holding the raw dataset")},
 }
 

@@ -76,20 +76,19 @@ def extract(archive: Path, dest: Path) -> None:
         raise DetpipeError(f"{archive}: not a readable zip or tar archive ({exc})") from None
 
 
-def single_root(folder: Path) -> Path:
-    """Archives often wrap everything in one top folder (``balloon/``); step into it."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
+def fetch_dataset(url: str, sha256: str, dest: Path, subdir: str = "") -> None:
+    """Download, verify and unpack into ``dest`` (an empty folder).
 
-
-def fetch_dataset(url: str, sha256: str, dest: Path) -> None:
-    """Download, verify and unpack into ``dest`` (an empty folder)."""
+    ``subdir`` names the archive's folder that holds the dataset (the balloon zip wraps it in ``balloon/``).
+    """
     archive = dest / ".archive"
     fetch(url, archive, sha256)
     unpacked = dest / ".unpacked"
     extract(archive, unpacked)
     archive.unlink()
-    root = single_root(unpacked)
+    root = unpacked / subdir
+    if not root.is_dir():
+        raise DetpipeError(f"{url}: archive has no folder {subdir!r}")
     for item in root.iterdir():
         shutil.move(str(item), dest / item.name)
     shutil.rmtree(unpacked)

@@ -43,6 +43,9 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
                                                  norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.03),
                                                  size=(min_size, min_size))
     one_stage = name in ("retinanet", "fcos")
+    if name == "fcos" and (fpn_channels < 64 or fpn_channels % 32):
+        # its head normalises with GroupNorm(32 groups); one channel per group fails on a 1x1 level
+        raise DetpipeError(f"model.fpn_channels: fcos needs a multiple of 32 of at least 64, got {fpn_channels}")
     if backbone.startswith("resnet"):
         body = resnet.__dict__[backbone](weights=weights, norm_layer=norm)
         if pretrained_backbone:  # fine-tune the top stages only, as torchvision's recipes do
@@ -67,7 +70,7 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
         return det.MaskRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **size)
     if name == "retinanet":
         return det.RetinaNet(body, num_classes=num_classes, **size)
-    return det.FCOS(body, num_classes=num_classes, **size)
+    return det.FCOS(body, num_classes=num_classes, score_thresh=0.05, **size)  # torchvision's 0.2 costs recall
 
 
 def load_checkpoint(path, device="cpu"):

@@ -28,7 +28,7 @@ def run() -> None:
         elif entry.source == "url":
             from detpipe.download import fetch_dataset
 
-            fetch_dataset(entry.url, entry.sha256, tmp)
+            fetch_dataset(entry.url, entry.sha256, tmp, entry.subdir)
         else:
             src = Path(entry.path)
             if not src.is_dir():

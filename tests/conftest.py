@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "experiment": "tiny",
-    "model.fpn_channels": 32,
+    "model.fpn_channels": 64,
     "model.min_size": 64,
     "model.max_size": 64,
     "train.epochs": 1,

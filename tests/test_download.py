@@ -39,8 +39,8 @@ def test_fetch_verify_unpack_over_http(serve, tmp_path):
     sha = make_tar(root / "set.tar.gz", {"balloon/train/a.txt": b"hello", "balloon/val/b.txt": b"world"})
     dest = tmp_path / "out"
     dest.mkdir()
-    fetch_dataset(f"{base}/set.tar.gz", sha, dest)
-    assert (dest / "train/a.txt").read_bytes() == b"hello"  # the single top folder is stepped into
+    fetch_dataset(f"{base}/set.tar.gz", sha, dest, subdir="balloon")
+    assert (dest / "train/a.txt").read_bytes() == b"hello"
     assert sorted(p.name for p in dest.iterdir()) == ["train", "val"]
 
 
@@ -52,6 +52,13 @@ def test_checksum_mismatch_names_both_hashes_and_leaves_nothing(serve, tmp_path)
     with pytest.raises(DetpipeError, match=f"sha256 mismatch: expected {'0' * 64}, got {sha}"):
         fetch_dataset(f"{base}/set.tar.gz", "0" * 64, dest)
     assert list(dest.iterdir()) == []
+
+
+def test_missing_subdir_is_named(serve, tmp_path):
+    root, base = serve
+    sha = make_tar(root / "set.tar.gz", {"a.txt": b"x"})
+    with pytest.raises(DetpipeError, match="archive has no folder 'balloon'"):
+        fetch_dataset(f"{base}/set.tar.gz", sha, tmp_path, subdir="balloon")
 
 
 def test_missing_url_is_one_line(serve, tmp_path):
