@@ -7,8 +7,8 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -74,7 +74,6 @@ def train(model, train_set: CocoDetection, val_set: CocoDetection, tcfg, *, devi
 
     Writes ``iter_log.csv`` (one row per iteration) and ``last.pt`` (model, optimizer, epoch, RNG) to ``out_dir``.
     """
-    from detpipe.evaluation import coco_evaluate
 
     gen = seed_everything(seed)
     loader = torch.utils.data.DataLoader(

@@ -21,7 +21,8 @@ def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox") -> d
 
     names = {c["id"]: c["name"] for c in gt["categories"]}
     if not detections:
-        return {"stats": {k: 0.0 for k in STAT_NAMES}, "per_class": {n: {"AP": 0.0, "AP50": 0.0} for n in names.values()}}
+        zero = {"AP": 0.0, "AP50": 0.0}
+        return {"stats": dict.fromkeys(STAT_NAMES, 0.0), "per_class": {n: dict(zero) for n in names.values()}}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -71,7 +72,8 @@ def run_evaluation(cfg, data_dir, image_root, train_dir, out) -> dict:
         writer = csv.writer(f)
         writer.writerow(["class", *[f"{t}_{k}" for t in types for k in ("AP", "AP50")]])
         for name in results["bbox"]["per_class"]:
-            writer.writerow([name, *[round(results[t]["per_class"][name][k], 4) for t in types for k in ("AP", "AP50")]])
+            cells = [round(results[t]["per_class"][name][k], 4) for t in types for k in ("AP", "AP50")]
+            writer.writerow([name, *cells])
     write_json(out / "metrics.json", metrics)
     run = tracking.Run(json.loads((train_dir / "run.json").read_text())["run_id"])
     run.log_metrics({f"eval_{t}_{k}": v for t in types for k, v in metrics[t].items()})

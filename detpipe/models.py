@@ -21,7 +21,7 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     Without pretrained weights the backbone uses trainable BatchNorm: torchvision's default
     FrozenBatchNorm keeps ImageNet statistics and never learns from scratch.
     """
-    import torch.nn as nn
+    from torch import nn
     from torchvision.models import detection as det
     from torchvision.models import resnet
     from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone

@@ -69,3 +69,10 @@ def test_bad_override_syntax(tiny_params):
 
 def test_flatten_for_mlflow():
     assert config.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {"a": 1, "b.c": 2, "b.d.e": 3}
+
+
+def test_every_key_is_documented():
+    doc = (Path(__file__).parents[1] / "docs/params.md").read_text()
+    for schema in (config.SCHEMA, config.DATASET_SCHEMA, *config.SOURCE_SCHEMA.values()):
+        for key in config.flatten(schema):
+            assert f"`{key}`" in doc, key

@@ -29,7 +29,7 @@ def train_once(tiny_coco, out, name="fcos"):
 def test_training_is_seeded_and_logs(tiny_coco, tmp_path):
     _, first = train_once(tiny_coco, tmp_path / "a")
     _, second = train_once(tiny_coco, tmp_path / "b")
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_img_per_s"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_img_per_s"} for r in rows]
     assert strip(first) == strip(second)
     row = first[0]
     assert {"epoch", "lr", "train_loss", "val_bbox_mAP", "val_bbox_mAP50"} <= set(row)
@@ -72,7 +72,7 @@ def test_tutorial_apis(tiny_coco, tmp_path):
     assert result.class_names == meta["classes"]
     both = inference_detector(detector, [image, image])
     assert len(both) == 2 and all(len(r) == 4 for r in both)
-    top = lambda res: max((d for dets in res for d in dets), key=lambda d: d[4])  # noqa: E731
+    top = lambda res: max((d for dets in res for d in dets), key=lambda d: d[4])
     assert top(both[0]) == pytest.approx(top(result), abs=1e-3)  # batching must not change the answer
     picture = show_result(image, result, score_thr=0.0, out_file=tmp_path / "shown.png")
     assert (tmp_path / "shown.png").stat().st_size > 0 and picture.size == (64, 64)

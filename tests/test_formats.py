@@ -10,7 +10,7 @@ from detpipe.formats import middle, polygon_area, synthetic, via
 
 
 def test_synthetic_is_seeded(tmp_path):
-    args = dict(num_train=3, num_val=2, image_size=64, max_objects=3, seed=7)
+    args = {"num_train": 3, "num_val": 2, "image_size": 64, "max_objects": 3, "seed": 7}
     synthetic.generate(tmp_path / "a", **args)
     synthetic.generate(tmp_path / "b", **args)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
