@@ -19,6 +19,7 @@ SCHEMA: dict[str, Any] = {
     "experiment": (str, "MLflow experiment name; runs of one experiment are compared in the report"),
     "seed": (int, "seed for weight init, data order and augmentation"),
     "device": (("auto", "cpu", "cuda"), "auto uses CUDA when present"),
+    "threads": (int, "CPU threads for torch; 0 = every core (Snakemake would otherwise pin OMP to 1 thread)"),
     "dataset": (str, "name of an entry in params/datasets.yaml"),
     "convert": {
         "min_box_size": (float, "boxes narrower or shorter than this (pixels, after clipping) are dropped"),

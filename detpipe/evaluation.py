@@ -58,6 +58,7 @@ def run_evaluation(cfg, data_dir, image_root, train_dir, out) -> dict:
 
     data_dir, train_dir, out = Path(data_dir), Path(train_dir), Path(out)
     device = engine.resolve_device(cfg.device)
+    engine.set_threads(cfg.threads)
     model, meta = load_checkpoint(train_dir / "model.pt", device)
     val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=has_masks(meta["model"]["name"]))
     dets = engine.predict(model, val_set, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr)

@@ -37,6 +37,7 @@ def run_training(cfg: config.Config, data_dir: Path, image_root: Path, out: Path
         raise DetpipeError(f"{data_dir / 'train.json'}: the train split has no images")
     stats = json.loads((data_dir / "stats.json").read_text())
     device = engine.resolve_device(cfg.device)
+    engine.set_threads(cfg.threads)
     engine.seed_everything(cfg.seed)
     m = cfg.model
     model = build_model(m.name, m.backbone, len(train_set.cat_ids) + 1, min_size=m.min_size,

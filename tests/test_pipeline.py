@@ -36,4 +36,4 @@ def test_every_stage_declares_the_library_and_its_script():
 
 def test_param_values_select_keys():
     values = param_values("train", ROOT)
-    assert set(values["params/detpipe.yaml"]) == {"experiment", "seed", "device", "model", "train"}
+    assert set(values["params/detpipe.yaml"]) == {"experiment", "seed", "device", "threads", "model", "train"}

@@ -1,0 +1,74 @@
+"""The MLflow UI, as a user sees it in a browser, lists the pipeline's run with its params and metrics."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import BIN
+from tests.test_e2e import repo  # noqa: F401  (the e2e fixture: a tiny repo the pipeline has run in)
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(repo):  # noqa: F811
+    if not (repo / "mlflow.db").exists():
+        subprocess.run([BIN / "snakemake", "--cores", "1", "report"], cwd=repo, check=True, capture_output=True,
+                       env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([BIN / "mlflow", "ui", "--backend-store-uri", f"sqlite:///{repo}/mlflow.db",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow ui did not start")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def render(url: str, tmp_path) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium."""
+    out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                          "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                          "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}",
+                          "--virtual-time-budget=20000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_mlflow_ui_shows_the_run(mlflow_ui, repo, tmp_path):  # noqa: F811
+    import json
+
+    run = json.loads((repo / "runs/train/run.json").read_text())
+    req = urllib.request.Request(f"{mlflow_ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")
+    experiment_id = json.loads(urllib.request.urlopen(req).read())["experiment"]["experiment_id"]
+    runs_page = render(f"{mlflow_ui}/#/experiments/{experiment_id}", tmp_path)
+    assert "fcos-resnet18-" in runs_page  # the run's name in the runs table
+    run_page = render(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run['run_id']}", tmp_path)
+    for text in ("train.lr", "model.name", "eval_bbox_mAP", "val_bbox_mAP50", "data_hash"):
+        assert text in run_page, text
