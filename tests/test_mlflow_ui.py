@@ -67,7 +67,7 @@ def test_mlflow_ui_shows_the_run(mlflow_ui, repo, tmp_path):  # noqa: F811
     run = json.loads((repo / "runs/train/run.json").read_text())
     req = urllib.request.Request(f"{mlflow_ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")
     experiment_id = json.loads(urllib.request.urlopen(req).read())["experiment"]["experiment_id"]
-    runs_page = render(f"{mlflow_ui}/#/experiments/{experiment_id}", tmp_path)
+    runs_page = render(f"{mlflow_ui}/#/experiments/{experiment_id}/runs", tmp_path)
     assert "fcos-resnet18-" in runs_page  # the run's name in the runs table
     run_page = render(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run['run_id']}", tmp_path)
     for text in ("train.lr", "model.name", "eval_bbox_mAP", "val_bbox_mAP50", "data_hash"):
