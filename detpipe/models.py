@@ -39,9 +39,10 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     if name == "ssdlite":
         if backbone != "mobilenet_v3_large":
             raise DetpipeError("model.backbone: ssdlite needs backbone mobilenet_v3_large")
-        return det.ssdlite320_mobilenet_v3_large(num_classes=num_classes, weights_backbone=weights,
-                                                 norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.03),
-                                                 size=(min_size, min_size))
+        model = det.ssdlite320_mobilenet_v3_large(num_classes=num_classes, weights_backbone=weights,
+                                                  norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.03))
+        model.transform.fixed_size = (min_size, min_size)  # SSD resizes to a square, 320 px by default
+        return model
     one_stage = name in ("retinanet", "fcos")
     if name == "fcos" and (fpn_channels < 64 or fpn_channels % 32):
         # its head normalises with GroupNorm(32 groups); one channel per group fails on a 1x1 level
