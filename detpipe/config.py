@@ -113,7 +113,7 @@ def _validate(data: Any, schema: dict, where: str, prefix: str = "") -> None:
         raise DetpipeError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping")
     for key in data:
         if key not in schema:
-            hint = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.5)
             tip = f"; did you mean {prefix}{hint[0]}?" if hint else ""
             raise DetpipeError(f"{where}: unknown key {prefix}{key}{tip}")
     for key, spec in schema.items():

@@ -46,6 +46,7 @@ def atomic_torch_save(obj, path: Path) -> None:
 def atomic_dir(path: Path):
     """Yield an empty temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
+    missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
@@ -57,6 +58,9 @@ def atomic_dir(path: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+            for folder in missing:  # parents this call made, innermost first, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def tree_hash(folder: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def run_training(cfg: config.Config, data_dir: Path, image_root: Path, out: Path
     if len(train_set) == 0:
         raise DetpipeError(f"{data_dir / 'train.json'}: the train split has no images")
     stats = json.loads((data_dir / "stats.json").read_text())
+    print(f"resolved config:\n{config.dump(cfg)}", file=sys.stderr)
     device = engine.resolve_device(cfg.device)
     engine.set_threads(cfg.threads)
     engine.seed_everything(cfg.seed)

@@ -14,7 +14,6 @@ def run() -> None:
     p.add_argument("--out", default="runs/train", help="output folder (default: %(default)s)")
     args = p.parse_args()
     cfg = config.load(args.params, args.overrides)
-    print(f"resolved config:\n{config.dump(cfg)}", file=sys.stderr)
     from detpipe.training import run_training
 
     start = time.time()

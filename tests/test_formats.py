@@ -116,8 +116,11 @@ def test_middle_format_round_trip(tiny_coco):
     assert len(records[0]["ann"]["bboxes_ignore"]) == 1
     assert min(lab for r in records for lab in r["ann"]["labels"]) >= 0  # 0-based, as mmdetection wants
     back = middle.to_coco(records, [c["name"] for c in coco["categories"]])
-    assert [a["bbox"] for a in back["annotations"]] == pytest.approx(
-        [a["bbox"] for a in sorted(coco["annotations"], key=lambda a: (a["image_id"], a.get("iscrowd", 0)))])
+    expected = sorted(coco["annotations"], key=lambda a: (a["image_id"], a.get("iscrowd", 0)))
+    assert len(back["annotations"]) == len(expected)
+    for got, want in zip(back["annotations"], expected):
+        assert got["bbox"] == pytest.approx(want["bbox"]) and got["category_id"] == want["category_id"]
+        assert got["iscrowd"] == want.get("iscrowd", 0)
     arrays = middle.as_arrays(records)
     assert arrays[0]["ann"]["bboxes"].shape[1] == 4
 
