@@ -8,9 +8,21 @@ from collections.abc import Callable
 
 from detpipe.errors import DetpipeError
 
+# Input folders the later stages read, by flag: default (the pipeline's layout) and meaning.
+INPUTS = {
+    "data": ("data/coco", "converted dataset"),
+    "images": ("data/raw", "image root"),
+    "train-dir": ("runs/train", "train stage output"),
+    "eval-dir": ("runs/eval", "evaluate stage output"),
+}
 
-def parser(description: str) -> argparse.ArgumentParser:
+
+def parser(description: str, *inputs: str) -> argparse.ArgumentParser:
+    """Flags every stage has, plus the named input-folder flags of :data:`INPUTS`."""
     p = argparse.ArgumentParser(description=description)
+    for flag in inputs:
+        default, meaning = INPUTS[flag]
+        p.add_argument(f"--{flag}", default=default, help=f"{meaning} (default: %(default)s)")
     p.add_argument("--params", default="params/detpipe.yaml", help="params file (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param for this run only, e.g. --set train.lr=0.02 (repeatable)")

@@ -9,11 +9,7 @@ from detpipe.errors import DetpipeError
 
 
 def run() -> None:
-    p = cli.parser(__doc__)
-    p.add_argument("--data", default="data/coco", help="converted dataset (default: %(default)s)")
-    p.add_argument("--images", default="data/raw", help="image root (default: %(default)s)")
-    p.add_argument("--train-dir", default="runs/train", help="train stage output (default: %(default)s)")
-    p.add_argument("--eval-dir", default="runs/eval", help="evaluate stage output (default: %(default)s)")
+    p = cli.parser(__doc__, "data", "images", "train-dir", "eval-dir")
     p.add_argument("--out", default="reports/index.html", help="HTML file to write (default: %(default)s)")
     args = p.parse_args()
     cfg = config.load(args.params, args.overrides)

@@ -8,9 +8,7 @@ from detpipe import cli, config
 
 
 def run() -> None:
-    p = cli.parser(__doc__)
-    p.add_argument("--data", default="data/coco", help="converted dataset (default: %(default)s)")
-    p.add_argument("--images", default="data/raw", help="image root (default: %(default)s)")
+    p = cli.parser(__doc__, "data", "images")
     p.add_argument("--out", default="runs/train", help="output folder (default: %(default)s)")
     args = p.parse_args()
     cfg = config.load(args.params, args.overrides)
