@@ -131,7 +131,7 @@ def train(model, train_set: CocoDetection, val_set: CocoDetection, tcfg, *, devi
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                **{f"train_{k}": v / n for k, v in sums.items()},
                "train_img_per_s": seen / (time.time() - epoch_start)}
-        evals = evaluate_model(model, val_set, device, batch_size=tcfg.batch_size)
+        _, evals = evaluate_model(model, val_set, device, batch_size=tcfg.batch_size)
         for iou_type, result in evals.items():
             row[f"val_{iou_type}_mAP"] = result["stats"]["mAP"]
             row[f"val_{iou_type}_mAP50"] = result["stats"]["mAP50"]
@@ -175,10 +175,11 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
     return results
 
 
-def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 8) -> dict:
-    """``{iou_type: coco_evaluate result}``; segm only for models that predict masks."""
+def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 8,
+                   score_thr: float = 0.0) -> tuple[list[dict], dict]:
+    """Predictions and ``{iou_type: coco_evaluate result}``; segm only for models that predict masks."""
     from detpipe.evaluation import coco_evaluate
 
-    dets = predict(model, dataset, device, batch_size)
+    dets = predict(model, dataset, device, batch_size, score_thr)
     types = ["bbox", "segm"] if dataset.with_masks else ["bbox"]
-    return {t: coco_evaluate(dataset.coco, dets, t) for t in types}
+    return dets, {t: coco_evaluate(dataset.coco, dets, t) for t in types}

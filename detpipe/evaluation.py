@@ -61,9 +61,8 @@ def run_evaluation(cfg, data_dir, image_root, train_dir, out) -> dict:
     engine.set_threads(cfg.threads)
     model, meta = load_checkpoint(train_dir / "model.pt", device)
     val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=has_masks(meta["model"]["name"]))
-    dets = engine.predict(model, val_set, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr)
-    types = ["bbox", "segm"] if val_set.with_masks else ["bbox"]
-    results = {t: coco_evaluate(val_set.coco, dets, t) for t in types}
+    dets, results = engine.evaluate_model(model, val_set, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr)
+    types = list(results)
     metrics = {t: r["stats"] for t, r in results.items()}
     metrics["num_images"] = len(val_set)
     metrics["num_detections"] = len(dets)

@@ -44,8 +44,9 @@ def run_training(cfg: config.Config, data_dir: Path, image_root: Path, out: Path
     m = cfg.model
     model = build_model(m.name, m.backbone, len(train_set.cat_ids) + 1, min_size=m.min_size,
                         max_size=m.max_size, fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone)
+    commit = tracking.git_commit()
     run = tracking.Run.start(cfg.experiment, run_name=f"{m.name}-{m.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             tags={"git_commit": tracking.git_commit(), "dataset": cfg.dataset,
+                             tags={"git_commit": commit, "dataset": cfg.dataset,
                                    "data_hash": stats["content_hash"], "device": str(device)})
     run.log_params(config.flatten(config.dict_of(cfg)))
     try:
@@ -60,7 +61,7 @@ def run_training(cfg: config.Config, data_dir: Path, image_root: Path, out: Path
             atomic_torch_save({"model": model.state_dict(), "meta": meta}, tmp / "model.pt")
             write_json(tmp / "run.json", {"run_id": run.run_id, "experiment": cfg.experiment,
                                           "tracking_uri": tracking.tracking_uri(), "device": str(device),
-                                          "git_commit": tracking.git_commit(), "data_hash": stats["content_hash"]})
+                                          "git_commit": commit, "data_hash": stats["content_hash"]})
             run.log_artifact(tmp / "train_log.csv")
     except BaseException:
         run.end("FAILED")
