@@ -1,13 +1,91 @@
-"""Raw dataset formats, each turned into one COCO dict per split by :class:`CocoBuilder`."""
+"""Raw annotation formats: each is a *loader* from a raw folder to mmdetection middle-format records.
+
+A loader is ``load(src, classes, splits, **options)`` and returns either ``{split: [record, ...]}`` or
+one list of records (then :mod:`detpipe.convert` makes a seeded train/val split). A record is
+mmdetection's middle format, as the tutorial's ``KittiTinyDataset.load_annotations`` returns it::
+
+    {"filename": "training/image_2/000000.jpeg",      # relative to src
+     "width": 1224, "height": 370,                      # optional: read from the file header when absent
+     "ann": {"bboxes": [[x1, y1, x2, y2], ...], "labels": [0, ...],
+             "bboxes_ignore": [...], "labels_ignore": [...],   # optional; label -1 ignores every class
+             "masks": [[[x, y, x, y, ...]] or None, ...],    # optional outline per box (COCO polygons)
+             "attributes": [{...}, ...]},                      # optional per-box extras kept in COCO
+     "events": {"dropped_unselected_class": 2}}               # optional counts for stats.json
+
+Labels are indices into ``classes`` (or class names). Register a loader with :func:`register`; the
+built-in ones live beside this file, project ones in ``workflow/formats/*.py`` (imported on demand).
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import difflib
+import functools
+import importlib
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
 from detpipe.errors import DetpipeError
+
+BUILTIN = ("coco", "kitti", "via", "voc", "yolo")
+PLUGIN_DIR = Path("workflow/formats")
+_LOADERS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Decorator: make ``fn`` the loader of format ``name`` (usable as ``format: name`` and ``--format name``)."""
+    def wrap(fn: Callable) -> Callable:
+        _LOADERS[name] = fn
+        return fn
+    return wrap
+
+
+def _load_plugins() -> None:
+    for name in BUILTIN:
+        importlib.import_module(f"detpipe.formats.{name}")
+    for path in sorted(PLUGIN_DIR.glob("*.py")):
+        module = f"detpipe_plugin_{path.stem}"
+        spec = importlib.util.spec_from_file_location(module, path)
+        try:
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        except Exception as exc:  # a broken plugin is a user error: say which file
+            raise DetpipeError(f"{path}: cannot import format plugin ({type(exc).__name__}: {exc})") from None
+
+
+def names() -> list[str]:
+    _load_plugins()
+    return sorted(_LOADERS)
+
+
+def loader(name: str) -> Callable:
+    known = names()
+    if name not in known:
+        hint = difflib.get_close_matches(name, known, n=1)
+        tip = f"did you mean {hint[0]}? " if hint else ""
+        raise DetpipeError(f"unknown format {name!r}; {tip}known: {', '.join(known)}")
+    return _LOADERS[name]
+
+
+class ClassList(list):
+    """The output class names. Closed: an unlisted name is an error. Open (no classes given): names are added."""
+
+    def __init__(self, classes: list[str] | None):
+        super().__init__(classes or [])
+        self.open = classes is None
+        self._index = {n: i for i, n in enumerate(self)}
+
+    def index_of(self, name: str, where: str) -> int:
+        if name in self._index:
+            return self._index[name]
+        if not self.open:
+            raise DetpipeError(f"{where}: unknown class {name!r}; classes are {', '.join(self)}")
+        self._index[name] = len(self)
+        self.append(name)
+        return self._index[name]
 
 
 def polygon_area(xs: list[float], ys: list[float]) -> float:
@@ -16,62 +94,39 @@ def polygon_area(xs: list[float], ys: list[float]) -> float:
     return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2.0
 
 
+EXIF_ORIENTATION = 0x0112
+_TAILS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header only; no pixel decode."""
+    """(width, height) as a viewer shows it, from the file header only (no pixel decode).
+
+    EXIF orientations 5-8 (rotated a quarter turn) swap the two. A JPEG or PNG whose last bytes are not
+    its end marker is truncated; that is checked by reading the file's tail, not by decoding it.
+    """
     try:
         with Image.open(path) as im:
-            return im.size
+            width, height = im.size
+            fmt = im.format
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
     except FileNotFoundError:
         raise DetpipeError(f"{path}: image file is missing") from None
-    except OSError as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DetpipeError(f"{path}: not a readable image ({exc})") from None
+    if fmt in _TAILS:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 64))
+            tail = f.read()
+        if _TAILS[fmt] not in tail:  # writers may pad a few bytes after the end marker
+            raise DetpipeError(f"{path}: truncated {fmt} image (no end marker)")
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-class CocoBuilder:
-    """Collects images and objects into a COCO dict; clips boxes to the image, drops degenerate ones, counts why."""
-
-    def __init__(self, classes: list[str], min_box_size: float = 1.0):
-        self.classes = list(classes)
-        self.cat_ids = {name: i + 1 for i, name in enumerate(self.classes)}
-        self.min_box_size = min_box_size
-        self.images: list[dict] = []
-        self.annotations: list[dict] = []
-        self.events: Counter[str] = Counter()
-        self._sizes: dict[int, tuple[int, int]] = {}
-
-    def add_image(self, file_name: str, width: int, height: int) -> int:
-        image_id = len(self.images) + 1
-        self.images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        self._sizes[image_id] = (width, height)
-        return image_id
-
-    def add_object(self, image_id: int, label: str, box: tuple[float, float, float, float], *,
-                   polygon: tuple[list[float], list[float]] | None = None, iscrowd: int = 0,
-                   where: str = "") -> None:
-        """Add one object given as an (x1, y1, x2, y2) box, optionally with its polygon outline."""
-        if label not in self.cat_ids:
-            raise DetpipeError(f"{where}: unknown class {label!r}; known: {', '.join(self.classes)}")
-        w, h = self._sizes[image_id]
-        x1, y1, x2, y2 = box
-        cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)
-        if min(cx2 - cx1, cy2 - cy1) < self.min_box_size:
-            self.events["dropped_degenerate"] += 1
-            return
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-            self.events["clipped_outside_image"] += 1
-        ann = {
-            "id": len(self.annotations) + 1, "image_id": image_id, "category_id": self.cat_ids[label],
-            "bbox": [round(v, 2) for v in (cx1, cy1, cx2 - cx1, cy2 - cy1)], "iscrowd": iscrowd,
-        }
-        if polygon is not None:
-            xs = [min(max(x, 0.0), w) for x in polygon[0]]
-            ys = [min(max(y, 0.0), h) for y in polygon[1]]
-            ann["segmentation"] = [[round(v, 2) for xy in zip(xs, ys) for v in xy]]
-            ann["area"] = round(polygon_area(xs, ys), 2)
-        else:
-            ann["area"] = round((cx2 - cx1) * (cy2 - cy1), 2)
-        self.annotations.append(ann)
-
-    def to_dict(self) -> dict:
-        cats = [{"id": i, "name": n, "supercategory": "object"} for n, i in self.cat_ids.items()]
-        return {"images": self.images, "annotations": self.annotations, "categories": cats}
+def place_image(source: Path, dest: Path) -> None:
+    """Put an image file at ``dest`` for a writer: a hard link when possible (benchmarks write 10k), else a copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from detpipe.errors import DetpipeError
-from detpipe.formats import CocoBuilder, image_size
+from detpipe.formats import ClassList, place_image, register
 
 ANNOTATION_FILE = "via_region_data.json"
 
@@ -29,9 +29,9 @@ def _shape(attrs: dict, where: str) -> tuple[list[float], list[float]]:
     raise DetpipeError(f"{where}: unsupported VIA shape {name!r}")
 
 
-def convert_split(split_dir: Path, builder: CocoBuilder, prefix: str, label_key: str = "label") -> None:
-    """Add every image and region of one split folder to ``builder``."""
-    ann_file = split_dir / ANNOTATION_FILE
+def load_split(src: Path, folder: str, classes: ClassList, label_key: str = "label") -> list[dict]:
+    """Records of one split folder: its images and ``via_region_data.json`` (or a whole VIA 2.x project file)."""
+    ann_file = src / folder / ANNOTATION_FILE
     if not ann_file.is_file():
         raise DetpipeError(f"{ann_file}: VIA annotation file is missing")
     try:
@@ -40,11 +40,12 @@ def convert_split(split_dir: Path, builder: CocoBuilder, prefix: str, label_key:
         raise DetpipeError(f"{ann_file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
     if "_via_img_metadata" in entries:  # a whole VIA 2.x project file
         entries = entries["_via_img_metadata"]
-    single = builder.classes[0] if len(builder.classes) == 1 else None
+    single = classes[0] if len(classes) == 1 else None
+    records = []
     for key, entry in entries.items():
-        image_path = split_dir / entry["filename"]
-        width, height = image_size(image_path)
-        image_id = builder.add_image(f"{prefix}/{entry['filename']}", width, height)
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            raise DetpipeError(f"{ann_file}: entry {key!r} has no filename")
+        boxes, labels, masks = [], [], []
         regions = entry.get("regions") or []
         if isinstance(regions, dict):  # VIA 1.x keeps regions in a dict keyed "0", "1", ...
             regions = list(regions.values())
@@ -57,17 +58,39 @@ def convert_split(split_dir: Path, builder: CocoBuilder, prefix: str, label_key:
                 xs, ys = _shape(region["shape_attributes"], where)
             except (KeyError, TypeError, ValueError) as exc:
                 raise DetpipeError(f"{where}: malformed shape ({exc})") from None
-            builder.add_object(image_id, label, (min(xs), min(ys), max(xs), max(ys)),
-                               polygon=(xs, ys), where=where)
+            boxes.append([min(xs), min(ys), max(xs), max(ys)])
+            labels.append(classes.index_of(label, where))
+            masks.append([[v for xy in zip(xs, ys) for v in xy]])
+        records.append({"filename": f"{folder}/{entry['filename']}",
+                        "ann": {"bboxes": boxes, "labels": labels, "masks": masks}})
+    return records
 
 
-def convert(src: Path, classes: list[str], splits=("train", "val"), min_box_size: float = 1.0):
-    """Return ``{split: (coco_dict, events)}`` for a folder holding one subfolder per split."""
-    out = {}
-    for split in splits:
-        builder = CocoBuilder(classes, min_box_size)
-        convert_split(src / split, builder, split)
-        if not builder.images:
-            raise DetpipeError(f"{src / split}: split {split!r} has no images")
-        out[split] = (builder.to_dict(), dict(builder.events))
-    return out
+@register("via")
+def load(src: Path, classes: ClassList, splits: dict, label_key: str = "label") -> dict[str, list[dict]]:
+    """One folder per split (``splits: {train: train, val: val}`` by default), as the balloon set ships."""
+    splits = splits or {"train": "train", "val": "val"}
+    return {split: load_split(src, folder, classes, label_key) for split, folder in splits.items()}
+
+
+def write(root: Path, splits: dict[str, list[dict]], classes: list[str], image) -> None:
+    """Write records (``filename`` a bare name, labels indices) as VIA 2.x region JSON, one folder per split.
+
+    ``image(record)`` gives the path of the image file to place. Masks become polygons, boxes without one rects.
+    """
+    for split, records in splits.items():
+        entries = {}
+        for rec in records:
+            place_image(image(rec), root / split / rec["filename"])
+            regions = []
+            ann = rec["ann"]
+            for box, label, mask in zip(ann["bboxes"], ann["labels"], ann.get("masks") or [None] * len(ann["bboxes"])):
+                if mask:
+                    shape = {"name": "polygon", "all_points_x": mask[0][0::2], "all_points_y": mask[0][1::2]}
+                else:
+                    x1, y1, x2, y2 = box
+                    shape = {"name": "rect", "x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1}
+                regions.append({"shape_attributes": shape, "region_attributes": {"label": classes[label]}})
+            entries[rec["filename"]] = {"filename": rec["filename"], "size": -1, "regions": regions,
+                                        "file_attributes": {}}
+        (root / split / ANNOTATION_FILE).write_text(json.dumps(entries))
