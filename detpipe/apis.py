@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from detpipe.data import read_rgb
 from detpipe.errors import DetpipeError
 
 
@@ -58,7 +59,7 @@ def init_detector(config=None, checkpoint=None, device: str = "cpu"):
 def _as_pil(img) -> Image.Image:
     if isinstance(img, (str, Path)):
         try:
-            return Image.open(img).convert("RGB")
+            return read_rgb(img)
         except OSError as exc:
             raise DetpipeError(f"{img}: cannot read image ({exc})") from None
     if isinstance(img, np.ndarray):  # an RGB array, HxWx3 uint8

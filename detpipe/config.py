@@ -14,15 +14,22 @@ from detpipe.models import ARCHITECTURES, BACKBONES
 PARAMS_FILE = Path("params/detpipe.yaml")
 DATASETS_FILE = Path("params/datasets.yaml")
 
-# key: (accepted type or tuple of allowed values, one-line meaning). Documented in docs/params.md.
+# key: (accepted type or tuple of allowed values, one-line meaning[, default when the key may be left out]).
+# Documented in docs/params.md.
 SCHEMA: dict[str, Any] = {
     "experiment": (str, "MLflow experiment name; runs of one experiment are compared in the report"),
     "seed": (int, "seed for weight init, data order and augmentation"),
     "device": (("auto", "cpu", "cuda"), "auto uses CUDA when present"),
     "threads": (int, "CPU threads for torch; 0 = every core (Snakemake would otherwise pin OMP to 1 thread)"),
     "dataset": (str, "name of an entry in params/datasets.yaml"),
+    "download": {
+        "retries": (int, "tries per archive after a dropped connection (resumed with HTTP Range)"),
+        "max_unpacked_gb": (float, "refuse archives that unpack to more than this"),
+        "cache": (str, "folder keeping verified archives, so a rerun downloads nothing"),
+    },
     "convert": {
         "min_box_size": (float, "boxes narrower or shorter than this (pixels, after clipping) are dropped"),
+        "strict": (bool, "clipped, dropped or mis-sized boxes are errors instead of counts"),
     },
     "model": {
         "name": (ARCHITECTURES, "detector architecture"),
@@ -57,8 +64,18 @@ SCHEMA: dict[str, Any] = {
 
 DATASET_SCHEMA: dict[str, Any] = {
     "source": (("synthetic", "url", "local"), "where the raw files come from"),
-    "format": (("via",), "raw annotation format the converter reads"),
-    "classes": (list, "class names, in label order"),
+    "format": (str, "raw annotation format: coco, kitti, via, voc, yolo or one registered in workflow/formats/"),
+    "classes": (list, "class names in label order; [] takes every class the data has"),
+    "splits": (dict, "split name -> where the format finds it (folder, list file or annotation file)", {}),
+    "options": (dict, "format-specific options, passed to the loader as keyword arguments", {}),
+    "val_fraction": (float, "share of images put in val when the data has no split files", 0.2),
+    "split_seed": (int, "seed of that split", 0),
+    "description": (str, "one line about the dataset", ""),
+}
+ARCHIVE_SCHEMA: dict[str, Any] = {
+    "url": (str, "http(s) or file URL, or a local path, of a zip/tar archive (or a local folder)"),
+    "sha256": (str, "expected sha256 of the archive (\"\": download once and print it)"),
+    "subdir": (str, "folder inside the archive that holds the dataset", ""),
 }
 SOURCE_SCHEMA: dict[str, dict[str, Any]] = {
     "synthetic": {"generate": {
@@ -66,8 +83,7 @@ SOURCE_SCHEMA: dict[str, dict[str, Any]] = {
         "image_size": (int, "square image side in pixels"), "max_objects": (int, "objects per image, at most"),
         "seed": (int, "generator seed"),
     }},
-    "url": {"url": (str, "http(s) or file URL of an archive"), "sha256": (str, "expected sha256 of the archive"),
-            "subdir": (str, "folder inside the archive that holds the dataset (\"\" for its top)")},
+    "url": {"archives": (list, "archives unpacked together into data/raw, each {url, sha256, subdir}")},
     "local": {"path": (str, "folder holding the raw dataset")},
 }
 
@@ -118,6 +134,8 @@ def _validate(data: Any, schema: dict, where: str, prefix: str = "") -> None:
             raise DetpipeError(f"{where}: unknown key {prefix}{key}{tip}")
     for key, spec in schema.items():
         name = prefix + key
+        if key not in data and isinstance(spec, tuple) and len(spec) == 3:
+            data[key] = spec[2]
         if key not in data:
             raise DetpipeError(f"{where}: missing key {name}")
         value = data[key]
@@ -136,7 +154,8 @@ def _validate(data: Any, schema: dict, where: str, prefix: str = "") -> None:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise DetpipeError(f"{where}: {name} must be an integer, got {value!r}")
         elif not isinstance(value, kind):
-            raise DetpipeError(f"{where}: {name} must be a {kind.__name__}, got {value!r}")
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise DetpipeError(f"{where}: {name} must be {article} {kind.__name__}, got {value!r}")
 
 
 def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | None = None) -> Config:
@@ -165,8 +184,16 @@ def load_dataset_entry(registry_path: Path, name: str) -> dict:
     where = f"{registry_path}: {name}"
     source = entry.get("source") if isinstance(entry, dict) else None
     _validate(entry, {**DATASET_SCHEMA, **SOURCE_SCHEMA.get(source, {})}, where)
-    if not entry["classes"] or not all(isinstance(c, str) for c in entry["classes"]):
-        raise DetpipeError(f"{where}: classes must be a non-empty list of names")
+    if not all(isinstance(c, str) for c in entry["classes"]):
+        raise DetpipeError(f"{where}: classes must be a list of names")
+    for i, archive in enumerate(entry.get("archives", [])):
+        _validate(archive, ARCHIVE_SCHEMA, where, f"archives[{i}].")
+    if not entry.get("archives", True):
+        raise DetpipeError(f"{where}: archives is empty")
+    from detpipe import formats
+
+    if entry["format"] not in formats.names():
+        raise DetpipeError(f"{where}: unknown format {entry['format']!r}; known: {', '.join(formats.names())}")
     return entry
 
 

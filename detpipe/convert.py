@@ -120,6 +120,11 @@ class _Split:
         self.annotations.append(ann)
 
     def coco(self) -> dict:
+        if any("segmentation" in a for a in self.annotations):  # segm evaluation needs one on every annotation
+            for a in self.annotations:
+                if "segmentation" not in a:
+                    x, y, w, h = a["bbox"]
+                    a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
         cats = [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(self.classes)]
         return {"images": self.images, "annotations": self.annotations, "categories": cats}
 

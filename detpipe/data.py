@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from detpipe.errors import DetpipeError
 
@@ -19,6 +19,15 @@ def load_coco(path: Path) -> dict:
         raise DetpipeError(f"{path}: COCO file is missing") from None
     except json.JSONDecodeError as exc:
         raise DetpipeError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """An image as a viewer shows it: EXIF rotation applied; grayscale, palette, RGBA and 16-bit made 8-bit RGB."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, convert("RGB") would clip
+            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+        return im.convert("RGB")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -43,7 +52,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def load_image(self, index: int) -> Image.Image:
         path = self.image_root / self.images[index]["file_name"]
         try:
-            return Image.open(path).convert("RGB")
+            return read_rgb(path)
         except OSError as exc:
             raise DetpipeError(f"{path}: cannot read image ({exc})") from None
 
@@ -64,23 +73,29 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @staticmethod
     def _masks(anns: list[dict], height: int, width: int) -> np.ndarray:
-        from pycocotools import mask as mask_utils
-
         masks = np.zeros((len(anns), height, width), dtype=np.uint8)
         for i, ann in enumerate(anns):
-            seg = ann.get("segmentation")
-            if not seg:  # no outline: the box is the best mask we have
-                x, y, w, h = (int(round(v)) for v in ann["bbox"])
-                masks[i, y:y + h, x:x + w] = 1
-                continue
-            if isinstance(seg, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-            elif isinstance(seg["counts"], list):
-                rle = mask_utils.frPyObjects(seg, height, width)
-            else:
-                rle = seg
-            masks[i] = mask_utils.decode(rle)
+            masks[i] = ann_mask(ann, height, width)
         return masks
+
+
+def ann_mask(ann: dict, height: int, width: int) -> np.ndarray:
+    """A COCO annotation's mask from its polygons or RLE; the filled box when it has no outline."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann.get("segmentation")
+    if not seg:
+        mask = np.zeros((height, width), dtype=np.uint8)
+        x, y, w, h = (int(round(v)) for v in ann["bbox"])
+        mask[y:y + h, x:x + w] = 1
+        return mask
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        rle = seg
+    return mask_utils.decode(rle)
 
 
 def collate(batch):

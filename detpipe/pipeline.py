@@ -15,6 +15,7 @@ PACKAGE = "detpipe"
 PARAMS = "params/detpipe.yaml"
 DATASETS = "params/datasets.yaml"
 RAW, COCO, TRAIN, EVAL, REPORT = "data/raw", "data/coco", "runs/train", "runs/eval", "reports"
+PLUGINS = "workflow/formats"  # the project's own dataset formats (see docs/datasets.md)
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class Stage:
 
 STAGES = {s.name: s for s in [
     Stage("download", deps=[], outs=[RAW],
-          params={PARAMS: ["dataset"], DATASETS: None}),
-    Stage("convert", deps=[RAW], outs=[COCO],
+          params={PARAMS: ["dataset", "download"], DATASETS: None}),
+    Stage("convert", deps=[RAW, PLUGINS], outs=[COCO],
           params={PARAMS: ["dataset", "convert"], DATASETS: None}),
     Stage("train", deps=[RAW, COCO], outs=[TRAIN],
           params={PARAMS: ["experiment", "seed", "device", "threads", "model", "train"]}),

@@ -67,7 +67,8 @@ def curves(history: list[dict]) -> str:
 def samples(val_coco: dict, predictions: list[dict], image_root: Path, count: int, score_thr: float) -> list[str]:
     """Data URIs of side-by-side pictures: ground truth (left) and predictions (right)."""
     from PIL import Image
-    from pycocotools import mask as mask_utils
+
+    from detpipe.data import ann_mask, read_rgb
 
     cats = [c["id"] for c in val_coco["categories"]]
     names = [c["name"] for c in val_coco["categories"]]
@@ -78,10 +79,11 @@ def samples(val_coco: dict, predictions: list[dict], image_root: Path, count: in
             by_image.setdefault(det["image_id"], []).append(det)
     gts: dict[int, list] = {}
     for ann in val_coco["annotations"]:
-        gts.setdefault(ann["image_id"], []).append(ann)
+        if not ann.get("iscrowd"):  # ignore regions are not objects to draw
+            gts.setdefault(ann["image_id"], []).append(ann)
     uris = []
     for info in val_coco["images"][:count]:
-        image = Image.open(Path(image_root) / info["file_name"]).convert("RGB")
+        image = read_rgb(Path(image_root) / info["file_name"])
         h, w = info["height"], info["width"]
         scale = max(1, 256 // max(h, w))
         halves = []
@@ -91,11 +93,7 @@ def samples(val_coco: dict, predictions: list[dict], image_root: Path, count: in
             labels = [index[a["category_id"]] for a in items]
             masks = None
             if items and all(a.get("segmentation") for a in items):
-                masks = []
-                for a in items:
-                    seg = a["segmentation"]
-                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg
-                    masks.append(mask_utils.decode(rle))
+                masks = [ann_mask(a, h, w) for a in items]
             halves.append(draw(image, boxes, labels, names, [a["score"] for a in items] if scored else None,
                                masks, scale=scale))
         pair = Image.new("RGB", (halves[0].width * 2 + 8, halves[0].height), "white")

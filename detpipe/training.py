@@ -36,6 +36,9 @@ def run_training(cfg: config.Config, data_dir: Path, image_root: Path, out: Path
     val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=masks)
     if len(train_set) == 0:
         raise DetpipeError(f"{data_dir / 'train.json'}: the train split has no images")
+    if masks and not any("segmentation" in a for a in train_set.coco["annotations"]):
+        raise DetpipeError(f"{data_dir / 'train.json'}: model.name {cfg.model.name} needs outlines, but this "
+                           "dataset has boxes only; pick a box model (fasterrcnn, retinanet, fcos, ssdlite)")
     stats = json.loads((data_dir / "stats.json").read_text())
     print(f"resolved config:\n{config.dump(cfg)}", file=sys.stderr)
     device = engine.resolve_device(cfg.device)

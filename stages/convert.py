@@ -1,4 +1,8 @@
-"""Stage 2: raw dataset -> COCO JSON per split, mmdetection's middle format, and a stats file."""
+"""Stage 2: raw dataset -> COCO JSON per split, mmdetection's middle format, and a stats file.
+
+Standalone (no params): python stages/convert.py --format {coco,kitti,via,voc,yolo,...} --src DIR --out DIR
+[--classes a,b] [--val-fraction F --seed N]
+"""
 
 from pathlib import Path
 
@@ -10,13 +14,30 @@ def run() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--src", default="data/raw", help="raw dataset folder (default: %(default)s)")
     p.add_argument("--out", default="data/coco", help="output folder (default: %(default)s)")
+    p.add_argument("--format", help="standalone: raw format (skips params)")
+    p.add_argument("--classes", help="standalone: comma-separated class names (default: every class found)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="standalone: share of images for val when the data has no split files (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="standalone: seed of that split (default: %(default)s)")
+    p.add_argument("--min-box-size", type=float, default=1.0, help="standalone: see convert.min_box_size")
+    p.add_argument("--strict", action="store_true", help="standalone: clipped or dropped boxes are errors")
     args = p.parse_args()
-    cfg = config.load(args.params, args.overrides)
     src = Path(args.src)
     if not src.is_dir():
         raise DetpipeError(f"{src}: raw dataset folder does not exist; run the download stage first")
-    convert.convert_dataset(cfg.data.format, src, Path(args.out), cfg.data.classes,
-                            min_box_size=cfg.convert.min_box_size)
+    if args.format:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+        stats = convert.convert_dataset(args.format, src, Path(args.out), classes, val_fraction=args.val_fraction,
+                                        seed=args.seed, min_box_size=args.min_box_size, strict=args.strict)
+    else:
+        cfg = config.load(args.params, args.overrides)
+        d = cfg.data
+        stats = convert.convert_dataset(d.format, src, Path(args.out), d.classes, splits=d.splits, options=d.options,
+                                        val_fraction=d.val_fraction, seed=d.split_seed,
+                                        min_box_size=cfg.convert.min_box_size, strict=cfg.convert.strict)
+    for split, s in stats["splits"].items():
+        changed = ", ".join(f"{k} {v}" for k, v in s["boxes_changed"].items() if v) or "none"
+        print(f"{split}: {s['images']} images, {s['objects']} objects, {s['ignored']} ignore regions; {changed}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,6 @@ def test_flatten_for_mlflow():
 
 def test_every_key_is_documented():
     doc = (Path(__file__).parents[1] / "docs/params.md").read_text()
-    for schema in (config.SCHEMA, config.DATASET_SCHEMA, *config.SOURCE_SCHEMA.values()):
+    for schema in (config.SCHEMA, config.DATASET_SCHEMA, config.ARCHIVE_SCHEMA, *config.SOURCE_SCHEMA.values()):
         for key in config.flatten(schema):
             assert f"`{key}`" in doc, key

@@ -6,7 +6,7 @@ from pycocotools.coco import COCO
 
 from detpipe.convert import convert_dataset
 from detpipe.errors import DetpipeError
-from detpipe.formats import middle, polygon_area, synthetic, via
+from detpipe.formats import middle, polygon_area, synthetic
 
 
 def test_synthetic_is_seeded(tmp_path):
@@ -58,22 +58,32 @@ def test_via_shapes_both_versions_and_clipping(tmp_path):
     }
     write_via(tmp_path / "train", entries)
     write_via(tmp_path / "val", {"v.jpg1": {"filename": "v.jpg", "regions": []}})
-    out = via.convert(tmp_path, ["a", "b"], min_box_size=1)
-    coco, events = out["train"]
+    stats = convert_dataset("via", tmp_path, tmp_path / "out", ["a", "b"], min_box_size=1)
+    coco = json.loads((tmp_path / "out/train.json").read_text())
     anns = coco["annotations"]
     assert [a["category_id"] for a in anns] == [1, 2, 2]
     assert anns[0]["bbox"] == [10, 10, 40, 20] and anns[0]["area"] == 800
     assert anns[1]["bbox"] == [90, 60, 10, 20]
     assert anns[2]["area"] == pytest.approx(3.14159 * 100, rel=0.01)
-    assert events == {"clipped_outside_image": 1, "dropped_degenerate": 1}
+    assert stats["splits"]["train"]["boxes_changed"] == {
+        "clipped_outside_image": 1, "dropped_outside_image": 0, "dropped_degenerate": 1, "size_differs_from_header": 0}
     assert coco["images"][0] == {"id": 1, "file_name": "train/one.jpg", "width": 100, "height": 80}
+    middle = json.loads((tmp_path / "out/train_middle.json").read_text())
+    assert middle[0] == {"filename": "train/one.jpg", "width": 100, "height": 80,
+                         "ann": {"bboxes": [[10, 10, 50, 30], [90, 60, 100, 80]], "labels": [0, 1],
+                                 "bboxes_ignore": [], "labels_ignore": []}}
+    COCO(str(tmp_path / "out/train.json"))
+
+
+def convert_via(tmp_path, classes, **kw):
+    return convert_dataset("via", tmp_path, tmp_path / "out", classes, splits={"train": "train"}, **kw)
 
 
 def test_single_class_needs_no_attribute(tmp_path):
     poly = {"name": "polygon", "all_points_x": [1, 20, 20], "all_points_y": [1, 1, 20]}
     write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": [region(poly, None)]}})
-    coco, _ = via.convert(tmp_path, ["balloon"], splits=("train",))["train"]
-    assert coco["annotations"][0]["category_id"] == 1
+    convert_via(tmp_path, ["balloon"])
+    assert json.loads((tmp_path / "out/train.json").read_text())["annotations"][0]["category_id"] == 1
 
 
 @pytest.mark.parametrize("label, message", [("zebra", "unknown class 'zebra'"), (None, "no 'label' region attribute")])
@@ -81,21 +91,38 @@ def test_bad_labels_are_named(tmp_path, label, message):
     poly = {"name": "polygon", "all_points_x": [1, 20, 20], "all_points_y": [1, 1, 20]}
     write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": [region(poly, label)]}})
     with pytest.raises(DetpipeError, match=message):
-        via.convert(tmp_path, ["a", "b"], splits=("train",))
+        convert_via(tmp_path, ["a", "b"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_open_class_list_takes_labels_in_order_seen(tmp_path):
+    poly = {"name": "polygon", "all_points_x": [1, 20, 20], "all_points_y": [1, 1, 20]}
+    write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": [region(poly, "dog"), region(poly, "cat")]}})
+    assert convert_via(tmp_path, None)["classes"] == ["dog", "cat"]
 
 
 def test_malformed_json_names_the_line(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train/via_region_data.json").write_text('{\n"a": {\n  "filename": "x.jpg",\n  oops\n}')
     with pytest.raises(DetpipeError, match=r"via_region_data.json:4: malformed JSON"):
-        via.convert(tmp_path, ["a"], splits=("train",))
+        convert_via(tmp_path, ["a"])
 
 
-def test_missing_image_is_named(tmp_path):
-    write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": []}})
-    (tmp_path / "train/x.jpg").unlink()
-    with pytest.raises(DetpipeError, match=r"x.jpg: image file is missing"):
-        via.convert(tmp_path, ["a"], splits=("train",))
+def test_missing_images_are_listed(tmp_path):
+    write_via(tmp_path / "train", {k: {"filename": f"{k}.jpg", "regions": []} for k in "abcdefg"})
+    for k in "bcdefg":
+        (tmp_path / f"train/{k}.jpg").unlink()
+    with pytest.raises(DetpipeError, match=r"labels refer to 6 missing image\(s\): train/b.jpg, train/c.jpg, "
+                                           r"train/d.jpg, train/e.jpg, train/f.jpg \(and 1 more\)"):
+        convert_via(tmp_path, ["a"])
+
+
+def test_strict_turns_clipping_into_an_error(tmp_path):
+    rect = {"name": "rect", "x": 90, "y": 60, "width": 30, "height": 40}
+    write_via(tmp_path / "train", {"x": {"filename": "x.jpg", "regions": [region(rect)]}})
+    assert convert_via(tmp_path, ["a"])["splits"]["train"]["boxes_changed"]["clipped_outside_image"] == 1
+    with pytest.raises(DetpipeError, match=r"train/x.jpg: box 0: clipped outside image \(convert.strict is on\)"):
+        convert_via(tmp_path, ["a"], strict=True)
 
 
 def test_failed_conversion_writes_nothing(tmp_path):
@@ -106,23 +133,13 @@ def test_failed_conversion_writes_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
 
 
-def test_middle_format_round_trip(tiny_coco):
-    coco = json.loads((tiny_coco / "coco/val.json").read_text())
-    coco["annotations"][0]["iscrowd"] = 1
-    records = middle.from_coco(coco)
-    first = records[0]
-    assert set(first) == {"filename", "width", "height", "ann"}
-    assert set(first["ann"]) == {"bboxes", "labels", "bboxes_ignore", "labels_ignore"}
-    assert len(records[0]["ann"]["bboxes_ignore"]) == 1
+def test_middle_format_arrays(tiny_coco):
+    records = json.loads((tiny_coco / "coco/val_middle.json").read_text())
+    assert set(records[0]) == {"filename", "width", "height", "ann"}
+    assert set(records[0]["ann"]) == {"bboxes", "labels", "bboxes_ignore", "labels_ignore"}
     assert min(lab for r in records for lab in r["ann"]["labels"]) >= 0  # 0-based, as mmdetection wants
-    back = middle.to_coco(records, [c["name"] for c in coco["categories"]])
-    expected = sorted(coco["annotations"], key=lambda a: (a["image_id"], a.get("iscrowd", 0)))
-    assert len(back["annotations"]) == len(expected)
-    for got, want in zip(back["annotations"], expected):
-        assert got["bbox"] == pytest.approx(want["bbox"]) and got["category_id"] == want["category_id"]
-        assert got["iscrowd"] == want.get("iscrowd", 0)
     arrays = middle.as_arrays(records)
-    assert arrays[0]["ann"]["bboxes"].shape[1] == 4
+    assert arrays[0]["ann"]["bboxes"].shape[1] == 4 and arrays[0]["ann"]["labels"].dtype.kind == "i"
 
 
 def test_polygon_area():

@@ -1,14 +1,18 @@
 # Shared by every rule: stage definitions come from detpipe/pipeline.py, the same source as dvc.yaml.
 import glob
 
-from detpipe.pipeline import STAGES, param_values
+from detpipe.pipeline import PLUGINS, STAGES, param_values
 
 LIBRARY = sorted(glob.glob("detpipe/**/*.py", recursive=True))
 
 
 def stage_input(name):
-    """The stage's script, every library file (a library edit reruns the stage) and its data inputs."""
-    return [STAGES[name].script, *LIBRARY, *STAGES[name].deps]
+    """The stage's script, every library file (a library edit reruns the stage) and its data inputs.
+
+    The format-plugin folder counts by its files, as DVC hashes a folder dependency's content.
+    """
+    deps = [d for dep in STAGES[name].deps for d in (sorted(glob.glob(f"{PLUGINS}/*")) if dep == PLUGINS else [dep])]
+    return [STAGES[name].script, *LIBRARY, *deps]
 
 
 def stage_output(name):
