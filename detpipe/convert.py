@@ -8,6 +8,7 @@ for formats without split files, and the COCO and middle-format files.
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections import Counter
 from pathlib import Path
@@ -164,7 +165,13 @@ def load_splits(fmt: str, src: Path, classes: list[str] | None, splits: dict | N
                 options: dict | None = None, val_fraction: float = 0.2, seed: int = 0):
     """Run format ``fmt``'s loader; returns ``(ClassList, {split: records})``."""
     class_list = ClassList(list(classes) if classes else None)
-    result = formats.loader(fmt)(Path(src), class_list, dict(splits or {}), **(options or {}))
+    load = formats.loader(fmt)
+    args = (Path(src), class_list, dict(splits or {}))
+    try:
+        inspect.signature(load).bind(*args, **(options or {}))
+    except TypeError as exc:
+        raise DetpipeError(f"format {fmt!r}: bad options {dict(options or {})} ({exc})") from None
+    result = load(*args, **(options or {}))
     if isinstance(result, list):
         result = {"all": result}
     n = sum(len(r) for r in result.values())
