@@ -91,8 +91,10 @@ def test_standalone_convert_errors(tmp_path):
     src = kitti_fixture(tmp_path / "kitti_tiny")
     assert_one_line_error(run_stage("convert", tmp_path, "--format", "kiti", "--src", str(src), "--out", "o"),
                           "unknown format 'kiti'; did you mean kitti?")
+    label = src / "training/label_2/000001.txt"
+    label.write_text(label.read_text() + "Bus 0.00 0 0.00 1 1 9 9 0 0 0 0 0 0 0\n")
     assert_one_line_error(run_stage("convert", tmp_path, "--format", "kitti", "--src", str(src), "--out", "o",
-                                    "--classes", "Car,Truck,Bus"), "unknown class 'Bus'")
+                                    "--classes", "Car,Pedestrian"), "000001.txt:4: unknown class 'Bus'")
     (tmp_path / "workflow/formats").mkdir(parents=True)
     (tmp_path / "workflow/formats/broken.py").write_text("import no_such_module\n")
     assert_one_line_error(run_stage("convert", tmp_path, "--format", "kitti", "--src", str(src), "--out", "o"),

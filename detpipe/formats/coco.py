@@ -24,7 +24,7 @@ def _split_files(src: Path) -> dict[str, str]:
     if found:
         return found
     for path in sorted((src / "annotations").glob("instances_*.json")):
-        split = re.match(r"instances_([A-Za-z]*)", path.name)[1]
+        split = re.match(r"instances_([A-Za-z]*)", path.name)[1] or path.stem
         if split in found:
             raise DetpipeError(f"{src}: {found[split]} and {path.relative_to(src)} are both split {split!r}; "
                                "choose with splits: {split: file}")
@@ -147,8 +147,7 @@ def load(src: Path, classes: ClassList, splits: dict, images: str | None = None,
 
 
 def write(root: Path, splits: dict[str, list[dict]], classes: list[str], image) -> None:
-    """Write records (``filename`` a bare name, labels indices) as ``<split>/`` images and
-    ``annotations/instances_<split>.json``.
+    """Write records (``filename`` a bare name, labels indices) as ``<split>/``, ``annotations/instances_<split>.json``.
 
     ``image(record)`` gives the image file to place. Ignore regions become ``iscrowd: 1`` (one with label -1,
     every class, has no COCO form and is left out); masks become polygon segmentations.

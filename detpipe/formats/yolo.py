@@ -30,13 +30,16 @@ def _data_yaml(src: Path, data: str | None) -> Path:
     return found[0]
 
 
-def _read_yaml(path: Path) -> tuple[dict, list[str]]:
-    """The data YAML and its class names (a list, or a dict {0: name, 1: name, ...})."""
+def _read_yaml(path: Path) -> dict:
     try:
-        spec = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise DetpipeError(f"{path}{f':{mark.line + 1}' if mark else ''}: malformed YAML") from None
+
+
+def _names(spec, path: Path) -> list[str]:
+    """The class names of a data YAML: a list, or a dict {0: name, 1: name, ...}."""
     if not isinstance(spec, dict) or not spec.get("names"):
         raise DetpipeError(f"{path}: no 'names' (the class names) in the data YAML")
     names = spec["names"]
@@ -45,7 +48,7 @@ def _read_yaml(path: Path) -> tuple[dict, list[str]]:
             names = [names[i] for i in range(len(names))]
         except KeyError:
             raise DetpipeError(f"{path}: the keys of 'names' must be the class indices 0..{len(names) - 1}") from None
-    return spec, [str(n) for n in names]
+    return [str(n) for n in names]
 
 
 def _class_map(names: list[str], classes: ClassList, where: Path) -> list[int | None]:
@@ -81,8 +84,10 @@ def _check_orphans(src: Path, images: list[Path]) -> None:
     folders = {p.parent for p in images if p.parent.is_dir()}
     known = {_to_labels(p).with_suffix(".txt") for d in folders for p in d.iterdir()
              if p.suffix.lower() in IMAGE_SUFFIXES}
-    orphans = sorted(os.path.relpath(t, src) for d in folders if _to_labels(d).is_dir()
-                     for t in _to_labels(d).glob("*.txt") if t not in known)
+    # Labels kept beside their images are not checked: there a .txt may as well be a split list.
+    label_folders = {_to_labels(d) for d in folders} - folders
+    orphans = sorted(os.path.relpath(t, src) for d in label_folders if d.is_dir()
+                     for t in d.glob("*.txt") if t not in known)
     if orphans:
         more = f" (and {len(orphans) - 5} more)" if len(orphans) > 5 else ""
         raise DetpipeError(f"{src}: {len(orphans)} label file(s) without an image: {', '.join(orphans[:5])}{more}")
@@ -131,15 +136,21 @@ def _record(src: Path, image: Path, to_label: list[int | None]) -> dict:
 
 
 @register("yolo")
-def load(src: Path, classes: ClassList, splits: dict, data: str | None = None) -> dict[str, list[dict]] | list[dict]:
+def load(src: Path, classes: ClassList, splits: dict,
+         data: str | dict | None = None) -> dict[str, list[dict]] | list[dict]:
     """``splits`` maps split -> data-YAML key (``train``, ``val``); a folder or a .txt list of images for each.
 
-    ``data`` names the data YAML (default: ``data.yaml`` or ``dataset.yaml`` in ``src``). With one split (a YAML
+    ``data`` names the data YAML (default: ``data.yaml`` or ``dataset.yaml`` in ``src``), or is its content, for
+    sets that ship without one (coco128: ``{train: images/train2017, names: [...]}``). With one split (a YAML
     without ``val``, or whose ``val`` is its ``train``, as coco128's) the records come as one list for a seeded
     split. Classes are matched by name: YAML names not in ``classes`` are dropped (counted).
     """
-    data_file = _data_yaml(src, data)
-    spec, names = _read_yaml(data_file)
+    if isinstance(data, dict):
+        data_file, spec = src / "(options.data)", data
+    else:
+        data_file = _data_yaml(src, data)
+        spec = _read_yaml(data_file)
+    names = _names(spec, data_file)
     to_label = _class_map(names, classes, data_file)
     root = data_file.parent
     if spec.get("path"):

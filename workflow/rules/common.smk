@@ -9,9 +9,9 @@ LIBRARY = sorted(glob.glob("detpipe/**/*.py", recursive=True))
 def stage_input(name):
     """The stage's script, every library file (a library edit reruns the stage) and its data inputs.
 
-    The format-plugin folder counts by its files, as DVC hashes a folder dependency's content.
+    The format-plugin folder counts by its Python files (DVC hashes the folder, minus .dvcignore).
     """
-    deps = [d for dep in STAGES[name].deps for d in (sorted(glob.glob(f"{PLUGINS}/*")) if dep == PLUGINS else [dep])]
+    deps = [d for dep in STAGES[name].deps for d in (sorted(glob.glob(f"{PLUGINS}/*.py")) if dep == PLUGINS else [dep])]
     return [STAGES[name].script, *LIBRARY, *deps]
 
 
