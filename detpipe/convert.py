@@ -16,7 +16,7 @@ from pathlib import Path
 from detpipe import formats
 from detpipe.errors import DetpipeError
 from detpipe.formats import ClassList, image_size, polygon_area
-from detpipe.io import atomic_dir, tree_hash, write_json
+from detpipe.io import atomic_dir, write_json
 
 # Data problems: counted in stats.json, errors under ``strict``.
 GEOMETRY = ("clipped_outside_image", "dropped_outside_image", "dropped_degenerate", "size_differs_from_header")
@@ -189,8 +189,12 @@ def load_splits(fmt: str, src: Path, classes: list[str] | None, splits: dict | N
 
 def convert_dataset(fmt: str, src: Path, out: Path, classes: list[str] | None = None, *,
                     splits: dict | None = None, options: dict | None = None, val_fraction: float = 0.2,
-                    seed: int = 0, min_box_size: float = 1.0, strict: bool = False) -> dict:
-    """Convert ``src`` into ``out`` atomically (nothing is written on an error); returns ``stats.json``'s content."""
+                    seed: int = 0, min_box_size: float = 1.0, strict: bool = False,
+                    content_hash: str | None = None) -> dict:
+    """Convert ``src`` into ``out`` atomically (nothing is written on an error); returns ``stats.json``'s content.
+
+    ``content_hash`` identifies the raw data (the download stage records it); it is passed on into the stats.
+    """
     src = Path(src)
     class_list, result = load_splits(fmt, src, classes, splits, options, val_fraction, seed)
     _check_records(src, result, fmt)
@@ -205,11 +209,11 @@ def convert_dataset(fmt: str, src: Path, out: Path, classes: list[str] | None = 
                 part.event("size_differs_from_header", f"{rec['filename']}: labels say {given}, the file {size}")
             part.add(rec, size)
         built[split] = part
-    stats = {"format": fmt, "classes": names, "content_hash": tree_hash(src), "splits": {}}
+    stats = {"format": fmt, "classes": names, "content_hash": content_hash, "splits": {}}
     with atomic_dir(Path(out)) as tmp:
         for split, part in built.items():
-            write_json(tmp / f"{split}.json", part.coco())
-            write_json(tmp / f"{split}_middle.json", part.middle)
+            write_json(tmp / f"{split}.json", part.coco(), compact=True)
+            write_json(tmp / f"{split}_middle.json", part.middle, compact=True)
             stats["splits"][split] = part.stats()
         write_json(tmp / "stats.json", stats)
     return stats

@@ -31,8 +31,10 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=1) + "\n")
+def write_json(path: Path, data, compact: bool = False) -> None:
+    """Pretty JSON for files people read; ``compact`` for big data files (C encoder, several times faster)."""
+    text = json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=1)
+    write_text(path, text + "\n")
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -63,12 +65,25 @@ def atomic_dir(path: Path):
                     folder.rmdir()
 
 
+MARKER = ".download.json"  # written by the download stage into data/raw: the source and the content hash
+
+
+def write_marker(raw: Path, source) -> None:
+    write_json(Path(raw) / MARKER, {"source": source, "content_hash": tree_hash(raw)})
+
+
+def content_hash(raw: Path) -> str:
+    """The raw data's content hash: the download stage's record of it, else computed now."""
+    marker = Path(raw) / MARKER
+    return json.loads(marker.read_text())["content_hash"] if marker.is_file() else tree_hash(raw)
+
+
 def tree_hash(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes: the dataset's content hash, tagged on each run."""
+    """sha256 over every file's relative path and bytes (but the download marker): the data's content hash."""
     import hashlib
 
     h = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MARKER):
         h.update(path.relative_to(folder).as_posix().encode() + b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()

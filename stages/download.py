@@ -11,9 +11,8 @@ from pathlib import Path
 from detpipe import cli, config
 from detpipe.download import fetch_dataset
 from detpipe.errors import DetpipeError
-from detpipe.io import atomic_dir, write_json
+from detpipe.io import MARKER, atomic_dir, write_marker
 
-MARKER = ".download.json"  # what was fetched into the folder, so a rerun with the same source does nothing
 GB = 1 << 30
 
 
@@ -38,12 +37,12 @@ def _local(entry, out: Path, name: str) -> None:
 
 def _archives(archives: list[dict], out: Path, cache: Path, max_gb: float, retries: int) -> None:
     marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == archives:
+    if marker.is_file() and json.loads(marker.read_text()).get("source") == archives:
         print(f"{out}: already downloaded and verified")
         return
     with atomic_dir(out) as tmp:
         fetch_dataset(archives, tmp, cache=cache, max_bytes=int(max_gb * GB), retries=retries)
-        write_json(tmp / MARKER, archives)
+        write_marker(tmp, archives)
 
 
 def run() -> None:
@@ -73,6 +72,7 @@ def run() -> None:
             _synthetic(entry, tmp)
         else:
             _local(entry, tmp, cfg.dataset)
+        write_marker(tmp, config.dict_of(entry))
 
 
 if __name__ == "__main__":

@@ -64,10 +64,12 @@ def tiny_coco(tmp_path_factory) -> Path:
     """A converted tiny synthetic dataset: ``root/raw`` (images) and ``root/coco`` (COCO files)."""
     from detpipe.convert import convert_dataset
     from detpipe.formats import synthetic
+    from detpipe.io import content_hash
 
     root = tmp_path_factory.mktemp("tiny")
     synthetic.generate(root / "raw", seed=0, **TINY_DATA)
-    convert_dataset("via", root / "raw", root / "coco", list(synthetic.CLASSES), min_box_size=2)
+    convert_dataset("via", root / "raw", root / "coco", list(synthetic.CLASSES), min_box_size=2,
+                    content_hash=content_hash(root / "raw"))
     return root
 
 
