@@ -17,11 +17,13 @@ from tests.fixtures import make_image
 
 
 def assert_one_line_error(result, *fragments):
+    """Exit status 2 and one ``error:`` line, last on stderr (a progress bar may come before it), no traceback."""
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, result.stderr
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in lines[-1]
 
 
 def test_mistyped_key(tiny_params):
