@@ -192,8 +192,10 @@ def load_dataset_entry(registry_path: Path, name: str) -> dict:
         raise DetpipeError(f"{where}: archives is empty")
     from detpipe import formats
 
-    if entry["format"] not in formats.names():
-        raise DetpipeError(f"{where}: unknown format {entry['format']!r}; known: {', '.join(formats.names())}")
+    try:
+        formats.loader(entry["format"])
+    except DetpipeError as exc:  # unknown format (with a suggestion) or a broken plugin
+        raise DetpipeError(f"{where}: {exc}") from None
     return entry
 
 

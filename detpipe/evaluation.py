@@ -21,8 +21,9 @@ def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox") -> d
 
     names = {c["id"]: c["name"] for c in gt["categories"]}
     if not detections:
-        zero = {"AP": 0.0, "AP50": 0.0}
-        return {"stats": dict.fromkeys(STAT_NAMES, 0.0), "per_class": {n: dict(zero) for n in names.values()}}
+        present = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd")}
+        per_class = {n: dict.fromkeys(("AP", "AP50"), 0.0 if cid in present else None) for cid, n in names.items()}
+        return {"stats": dict.fromkeys(STAT_NAMES, 0.0), "per_class": per_class}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -39,8 +40,9 @@ def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox") -> d
         p_all = precision[:, :, k, 0, -1]
         p_50 = precision[0, :, k, 0, -1]
         per_class[names[cat_id]] = {
-            "AP": float(np.mean(p_all[p_all > -1])) if (p_all > -1).any() else 0.0,
-            "AP50": float(np.mean(p_50[p_50 > -1])) if (p_50 > -1).any() else 0.0,
+            # None: the class has no ground truth in the split, so it has no AP (not an AP of 0)
+            "AP": float(np.mean(p_all[p_all > -1])) if (p_all > -1).any() else None,
+            "AP50": float(np.mean(p_50[p_50 > -1])) if (p_50 > -1).any() else None,
         }
     return {"stats": stats, "per_class": per_class}
 
@@ -72,7 +74,8 @@ def run_evaluation(cfg, data_dir, image_root, train_dir, out) -> dict:
         writer = csv.writer(f)
         writer.writerow(["class", *[f"{t}_{k}" for t in types for k in ("AP", "AP50")]])
         for name in results["bbox"]["per_class"]:
-            cells = [round(results[t]["per_class"][name][k], 4) for t in types for k in ("AP", "AP50")]
+            values = [results[t]["per_class"][name][k] for t in types for k in ("AP", "AP50")]
+            cells = ["" if v is None else round(v, 4) for v in values]  # empty: no ground truth of the class
             writer.writerow([name, *cells])
     write_json(out / "metrics.json", metrics)
     run = tracking.Run(json.loads((train_dir / "run.json").read_text())["run_id"])

@@ -163,3 +163,24 @@ def test_standalone_download(tmp_path, http_root):
     assert not (tmp_path / "other").exists()
     assert_one_line_error(run_stage("download", tmp_path, "--url", f"{base}/k.zip", "--out", "x"),
                           "--sha256 is required")
+
+
+def test_plugin_format_selected_in_params(tiny_params):
+    """A local dataset in the tutorial's custom format, chosen by name in params/datasets.yaml."""
+    cwd = tiny_params.parents[1]
+    shutil.copytree(ROOT / "workflow/formats", cwd / "workflow/formats")
+    kitti_fixture(cwd / "mine")
+    registry = tiny_params.parent / "datasets.yaml"
+    data = yaml.safe_load(registry.read_text())
+    data["mine"] = {"source": "local", "path": str(cwd / "mine"), "format": "kitti_tiny_tutorial",
+                    "classes": ["Car", "Pedestrian"]}
+    registry.write_text(yaml.safe_dump(data))
+    for stage in ("download", "convert"):
+        result = run_stage(stage, cwd, "--set", "dataset=mine")
+        assert result.returncode == 0, result.stderr
+    stats = json.loads((cwd / "data/coco/stats.json").read_text())
+    assert stats["format"] == "kitti_tiny_tutorial" and stats["splits"]["train"]["objects"] == 6
+    data["mine"]["format"] = "kitti_tiny_tutorail"
+    registry.write_text(yaml.safe_dump(data))
+    assert_one_line_error(run_stage("convert", cwd, "--set", "dataset=mine"),
+                          "mine: unknown format 'kitti_tiny_tutorail'; did you mean kitti_tiny_tutorial?")
