@@ -144,3 +144,35 @@ def test_middle_format_arrays(tiny_coco):
 
 def test_polygon_area():
     assert polygon_area([0, 4, 4, 0], [0, 0, 3, 3]) == 12
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp"])
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_image_size_never_decodes_pixels(tmp_path, monkeypatch, suffix, orientation):
+    from PIL import ImageFile
+
+    from detpipe.formats import image_size
+    from tests.fixtures import make_image
+
+    path = make_image(tmp_path / f"a{suffix}", 300, 200, orientation=orientation if suffix != ".bmp" else None)
+
+    def no_decode(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    assert image_size.__wrapped__(path) == (300, 200)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_image_size_as_a_viewer_shows_it_and_truncation(tmp_path, suffix):
+    from detpipe.formats import image_size
+    from tests.fixtures import make_image
+
+    assert image_size(make_image(tmp_path / f"r{suffix}", 30, 20, orientation=6)) == (30, 20)  # stored 20 x 30
+    cut = make_image(tmp_path / f"t{suffix}", 30, 20)
+    cut.write_bytes(cut.read_bytes()[:-20])
+    with pytest.raises(DetpipeError, match=f"t{suffix}: (truncated|not a readable image)"):
+        image_size(cut)
+    (tmp_path / f"g{suffix}").write_bytes(b"not an image")
+    with pytest.raises(DetpipeError, match="not a readable image"):
+        image_size(tmp_path / f"g{suffix}")

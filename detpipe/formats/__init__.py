@@ -109,7 +109,9 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
             fmt = im.format
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+            # PIL's PNG getexif() decodes the whole image unless an eXIf chunk came before the pixels
+            has_exif = fmt in ("JPEG", "TIFF", "WEBP") or (fmt == "PNG" and "exif" in im.info)
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
     except FileNotFoundError:
         raise DetpipeError(f"{path}: image file is missing") from None
     except (OSError, SyntaxError, ValueError) as exc:
