@@ -184,3 +184,24 @@ def test_plugin_format_selected_in_params(tiny_params):
     registry.write_text(yaml.safe_dump(data))
     assert_one_line_error(run_stage("convert", cwd, "--set", "dataset=mine"),
                           "mine: unknown format 'kitti_tiny_tutorail'; did you mean kitti_tiny_tutorial?")
+
+
+@pytest.mark.slow
+def test_kitti_dataset_through_every_stage(tiny_params):
+    """A real format with ignore regions and a class absent from val goes through train, evaluate and report."""
+    cwd = tiny_params.parents[1]
+    kitti_fixture(cwd / "mine")
+    registry = tiny_params.parent / "datasets.yaml"
+    data = yaml.safe_load(registry.read_text())
+    data["mine"] = {"source": "local", "path": str(cwd / "mine"), "format": "kitti",
+                    "classes": ["Car", "Pedestrian", "Cyclist"]}
+    registry.write_text(yaml.safe_dump(data))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    for stage in ("download", "convert", "train", "evaluate", "report"):
+        result = run_stage(stage, cwd, "--set", "dataset=mine", env=env)
+        assert result.returncode == 0, f"{stage}: {result.stderr}"
+    val = json.loads((cwd / "data/coco/val.json").read_text())
+    assert sum(a["iscrowd"] for a in val["annotations"]) == 2 * 3  # one DontCare per image, once per class
+    rows = (cwd / "runs/eval/per_class.csv").read_text().splitlines()
+    assert rows[-1] == "Cyclist,," and len(rows) == 4  # no Cyclist in val: no AP rather than 0
+    assert "Cyclist" in (cwd / "reports/index.html").read_text()
