@@ -39,6 +39,15 @@ def seeded_split(records: list[dict], val_fraction: float, seed: int) -> dict[st
             "val": [r for i, r in enumerate(records) if i in val]}
 
 
+def _clip_polygon(flat: list[float], w: int, h: int) -> list[float]:
+    """``[x, y, x, y, ...]`` with every vertex moved inside the image, rounded to 0.01 px."""
+    xs, ys = flat[0::2], flat[1::2]
+    if min(xs) < 0 or min(ys) < 0 or max(xs) > w or max(ys) > h:
+        xs = [min(max(x, 0.0), w) for x in xs]
+        ys = [min(max(y, 0.0), h) for y in ys]
+    return [round(v, 2) for xy in zip(xs, ys) for v in xy]
+
+
 class _Split:
     """One split's records checked, clipped and turned into COCO and middle format."""
 
@@ -113,7 +122,7 @@ class _Split:
                "iscrowd": int(ignore)}
         parts = [p for p in (poly or []) if len(p) >= 6]
         if parts:
-            clipped = [[round(min(max(v, 0.0), w if j % 2 == 0 else h), 2) for j, v in enumerate(p)] for p in parts]
+            clipped = [_clip_polygon(p, w, h) for p in parts]
             ann["segmentation"] = clipped
             ann["area"] = round(sum(polygon_area(p[0::2], p[1::2]) for p in clipped), 2)
         if extra:
@@ -182,8 +191,6 @@ def load_splits(fmt: str, src: Path, classes: list[str] | None, splits: dict | N
     for split, records in result.items():
         if not records:
             raise DetpipeError(f"{src}: split {split!r} has no images")
-    if not class_list:
-        raise DetpipeError(f"{src}: no classes: give them in params (classes) or with --classes")
     return class_list, result
 
 
@@ -198,7 +205,6 @@ def convert_dataset(fmt: str, src: Path, out: Path, classes: list[str] | None = 
     src = Path(src)
     class_list, result = load_splits(fmt, src, classes, splits, options, val_fraction, seed)
     _check_records(src, result, fmt)
-    names = list(class_list)
     built = {}
     for split, records in result.items():
         part = _Split(class_list, min_box_size, strict)
@@ -209,7 +215,9 @@ def convert_dataset(fmt: str, src: Path, out: Path, classes: list[str] | None = 
                 part.event("size_differs_from_header", f"{rec['filename']}: labels say {given}, the file {size}")
             part.add(rec, size)
         built[split] = part
-    stats = {"format": fmt, "classes": names, "content_hash": content_hash, "splits": {}}
+    if not class_list:
+        raise DetpipeError(f"{src}: no classes: give them in params (classes) or with --classes")
+    stats = {"format": fmt, "classes": list(class_list), "content_hash": content_hash, "splits": {}}
     with atomic_dir(Path(out)) as tmp:
         for split, part in built.items():
             write_json(tmp / f"{split}.json", part.coco(), compact=True)

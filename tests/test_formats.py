@@ -176,3 +176,40 @@ def test_image_size_as_a_viewer_shows_it_and_truncation(tmp_path, suffix):
     (tmp_path / f"g{suffix}").write_bytes(b"not an image")
     with pytest.raises(DetpipeError, match="not a readable image"):
         image_size(tmp_path / f"g{suffix}")
+
+
+def test_custom_loader_records_are_checked(tmp_path):
+    """A format of one's own returns middle-format records; the core checks them like any format's."""
+    from detpipe.formats import register
+    from tests.fixtures import make_image
+
+    make_image(tmp_path / "raw/a.jpg", 40, 30)
+    make_image(tmp_path / "raw/b.jpg", 40, 30)
+    returned = {}
+
+    @register("test_custom")
+    def load(src, classes, splits, scale=1.0):
+        return returned["records"]
+
+    def convert(records, classes=("cat", "dog"), out="out", **kw):
+        returned["records"] = records
+        return convert_dataset("test_custom", tmp_path / "raw", tmp_path / out, classes, **kw)
+
+    box = {"filename": "a.jpg", "ann": {"bboxes": [[1, 2, 11, 12]], "labels": ["dog"]}}
+    stats = convert([box, {"filename": "b.jpg", "ann": {"bboxes": [], "labels": []}}], classes=None, out="ok",
+                    options={"scale": 2.0})
+    assert stats["classes"] == ["dog"] and stats["splits"]["train"]["images"] == 1  # seeded split of a list
+    for records, message in [
+        ([{"ann": {"bboxes": [], "labels": []}}, box], "lacks filename or ann{bboxes, labels}"),
+        ([{**box, "ann": {"bboxes": [[1, 2, 11, 12]], "labels": [2]}}, {**box, "filename": "b.jpg"}],
+         r"a.jpg: box 0: label 2 is not a class index 0..1"),
+        ([{**box, "ann": {"bboxes": [[1, 2, 11]], "labels": [0]}}, {**box, "filename": "b.jpg"}],
+         r"a.jpg: box 0: box \[1, 2, 11\] is not four numbers"),
+        ([{**box, "ann": {"bboxes": [[1, 2, 11, 12]], "labels": []}}, {**box, "filename": "b.jpg"}],
+         "ann lists of boxes, labels and masks differ in length"),
+    ]:
+        with pytest.raises(DetpipeError, match=message):
+            convert(records)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(DetpipeError, match=r"format 'test_custom': bad options \{'scales': 2\}"):
+        convert([box, box], options={"scales": 2})

@@ -90,8 +90,8 @@ class ClassList(list):
 
 def polygon_area(xs: list[float], ys: list[float]) -> float:
     """Shoelace area: COCO's ``area`` for a polygon is the shape's area, not its box's."""
-    n = len(xs)
-    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2.0
+    xs2, ys2 = xs[1:] + xs[:1], ys[1:] + ys[:1]
+    return abs(sum(x * y2 - x2 * y for x, y, x2, y2 in zip(xs, ys, xs2, ys2))) / 2.0
 
 
 EXIF_ORIENTATION = 0x0112
