@@ -3,12 +3,15 @@
 import hashlib
 import http.server
 import io
+import stat
 import tarfile
 import threading
+import time
 import zipfile
 
 import pytest
 
+from detpipe import download
 from detpipe.download import extract, fetch, fetch_dataset
 from detpipe.errors import DetpipeError
 
@@ -19,7 +22,8 @@ class Server:
     """Serves ``files`` (name -> bytes) with Range support; ``mode`` makes it misbehave on purpose.
 
     drop_once: the first GET sends the headers and half the body, then closes the connection.
-    drop_always: every GET does that. no_range: Range headers are ignored (200 and the whole file).
+    drop_always: every GET does that. stall_once: the first GET sends half the body, then stops sending.
+    no_range: Range headers are ignored (200 and the whole file). error_always: every GET answers 503.
     """
 
     def __init__(self, mode: str = ""):
@@ -34,9 +38,10 @@ class Server:
 
             def do_GET(self):
                 server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                first = len(server.requests) == 1
                 data = server.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404)
+                if data is None or server.mode == "error_always":
+                    self.send_error(404 if data is None else 503)
                     return
                 start = 0
                 rng = self.headers.get("Range")
@@ -49,11 +54,13 @@ class Server:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                drop = server.mode == "drop_always" or (server.mode == "drop_once" and len(server.requests) == 1)
-                self.wfile.write(body[: len(body) // 2] if drop else body)
-                if drop:
+                cut = server.mode == "drop_always" or (server.mode in ("drop_once", "stall_once") and first)
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+                if cut:
                     self.wfile.flush()
                     self.close_connection = True
+                    if server.mode == "stall_once":
+                        time.sleep(1)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
@@ -70,6 +77,7 @@ def server():
     yield start
     for s in servers:
         s.httpd.shutdown()
+        s.httpd.server_close()
 
 
 def tar_bytes(files: dict[str, bytes], mode: str = "w:gz", extra=()) -> bytes:
@@ -84,11 +92,15 @@ def tar_bytes(files: dict[str, bytes], mode: str = "w:gz", extra=()) -> bytes:
     return buf.getvalue()
 
 
-def zip_bytes(files: dict[str, bytes]) -> bytes:
+def zip_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in files.items():
             zf.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
     return buf.getvalue()
 
 
@@ -114,6 +126,11 @@ def get(tmp_path, url, digest, **kw):
     return dest
 
 
+def leftovers(tmp_path) -> list[str]:
+    """Temporary unpack folders (``.out.unpack-*``) still beside ``out``."""
+    return [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz", "zip"])
 def test_fetch_verify_unpack_every_archive_type(server, tmp_path, mode):
     s = server()
@@ -121,7 +138,8 @@ def test_fetch_verify_unpack_every_archive_type(server, tmp_path, mode):
     dest = get(tmp_path, f"{s.url}/set", sha(s.files["set"]), subdir="balloon")
     assert (dest / "train/a.txt").read_bytes() == b"hello"
     assert sorted(p.name for p in dest.iterdir()) == ["train", "val"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+    assert leftovers(tmp_path) == []
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{sha(s.files['set'])}-set"]
 
 
 def test_dropped_connection_resumes_with_range(server, tmp_path):
@@ -133,14 +151,23 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     assert s.requests[1]["range"] == f"bytes={len(s.files['big.tar']) // 2}-"
 
 
+def test_stalled_connection_times_out_and_resumes(server, tmp_path):
+    s = server("stall_once")
+    s.files["big"] = BIG
+    assert fetch(f"{s.url}/big", tmp_path / "big", sha(BIG), backoff=0, timeout=0.2, progress=False) == sha(BIG)
+    assert (tmp_path / "big").read_bytes() == BIG
+    assert [r["range"] for r in s.requests] == [None, f"bytes={len(BIG) // 2}-"]
+
+
 def test_server_without_range_support_restarts(server, tmp_path):
     s = server("no_range")
     s.files["big.tar"] = tar_bytes({"x/blob": BIG}, "w")
+    digest = sha(s.files["big.tar"])
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache/big.tar.part").write_bytes(b"junk from an earlier run")
-    dest = get(tmp_path, f"{s.url}/big.tar", sha(s.files["big.tar"]), subdir="x")
+    (tmp_path / f"cache/{digest}-big.tar.part").write_bytes(b"junk from an earlier run")
+    dest = get(tmp_path, f"{s.url}/big.tar", digest, subdir="x")
     assert (dest / "blob").read_bytes() == BIG
-    assert s.requests[0]["range"] == "bytes=24-"
+    assert [r["range"] for r in s.requests] == ["bytes=24-"]
 
 
 def test_part_file_from_an_interrupted_run_is_resumed(server, tmp_path):
@@ -148,8 +175,8 @@ def test_part_file_from_an_interrupted_run_is_resumed(server, tmp_path):
     data = tar_bytes({"x/blob": BIG}, "w")
     s.files["big.tar"] = data
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache/big.tar.part").write_bytes(data[:1000])
-    get(tmp_path, f"{s.url}/big.tar", sha(data), subdir="x")
+    (tmp_path / f"cache/{sha(data)}-big.tar.part").write_bytes(data[:1000])
+    assert (get(tmp_path, f"{s.url}/big.tar", sha(data), subdir="x") / "blob").read_bytes() == BIG
     assert [r["range"] for r in s.requests] == ["bytes=1000-"]
 
 
@@ -160,16 +187,29 @@ def test_wrong_bytes_fail_the_checksum_and_leave_nothing(server, tmp_path):
     with pytest.raises(DetpipeError, match=f"sha256 mismatch: expected {expected}, got {sha(s.files['set.tgz'])}"):
         get(tmp_path, f"{s.url}/set.tgz", expected)
     assert list((tmp_path / "out").iterdir()) == [] and list((tmp_path / "cache").iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
-def test_retries_give_up_with_a_count(server, tmp_path):
+def test_retries_give_up_with_a_count_and_keep_the_part_for_next_time(server, tmp_path):
     s = server("drop_always")
     s.files["big.tar"] = BIG
-    with pytest.raises(DetpipeError, match=r"big.tar: download failed after 3 tries"):
+    with pytest.raises(DetpipeError, match=r"big.tar: download failed after 3 tries \(IncompleteRead"):
         get(tmp_path, f"{s.url}/big.tar", sha(BIG))
     assert len(s.requests) == 3
     assert all(r["range"] for r in s.requests[1:])  # each retry resumes
     assert list((tmp_path / "out").iterdir()) == []
+    part = tmp_path / f"cache/{sha(BIG)}-big.tar.part"
+    assert part.read_bytes() == BIG[: part.stat().st_size] and 0 < part.stat().st_size < len(BIG)
+
+
+def test_server_errors_are_retried_with_exponential_backoff(server, tmp_path, monkeypatch):
+    s = server("error_always")
+    s.files["f"] = b"x"
+    waits = []
+    monkeypatch.setattr(download.time, "sleep", waits.append)
+    with pytest.raises(DetpipeError, match=r"/f: download failed after 4 tries \(HTTP 503"):
+        fetch(f"{s.url}/f", tmp_path / "f", None, retries=4, backoff=1.5, progress=False)
+    assert len(s.requests) == 4 and waits == [1.5, 3, 6]
 
 
 def test_not_found_is_not_retried(server, tmp_path):
@@ -183,6 +223,7 @@ def test_verified_archive_in_cache_is_not_fetched_again(server, tmp_path, capfd)
     s = server()
     s.files["set.zip"] = zip_bytes(SET)
     get(tmp_path, f"{s.url}/set.zip", sha(s.files["set.zip"]), subdir="balloon")
+    assert len(s.requests) == 1
     (tmp_path / "out2").mkdir()
     fetch_dataset([{"url": f"{s.url}/set.zip", "sha256": sha(s.files["set.zip"]), "subdir": "balloon"}],
                   tmp_path / "out2", cache=tmp_path / "cache", max_bytes=MB, progress=False)
@@ -195,27 +236,56 @@ def test_unrecorded_hash_stops_before_unpacking_and_keeps_the_file(server, tmp_p
     s = server()
     s.files["set.zip"] = zip_bytes(SET)
     digest = sha(s.files["set.zip"])
-    with pytest.raises(DetpipeError, match=f"no sha256 recorded; the downloaded file's sha256 is {digest}"):
+    with pytest.raises(DetpipeError, match=f"no sha256 recorded; the downloaded file's sha256 is {digest}; check"):
         get(tmp_path, f"{s.url}/set.zip", "")
     assert list((tmp_path / "out").iterdir()) == []
-    get(tmp_path, f"{s.url}/set.zip", digest, subdir="balloon")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{digest}-set.zip"]
+    assert sorted(p.name for p in get(tmp_path, f"{s.url}/set.zip", digest, subdir="balloon").iterdir()) == [
+        "train", "val"]
     assert len(s.requests) == 1
 
 
-def test_file_url_local_path_and_local_folder(tmp_path):
+def test_file_url_and_local_paths(tmp_path, monkeypatch):
     data = tar_bytes(SET)
     (tmp_path / "set.tgz").write_bytes(data)
     assert (get(tmp_path, (tmp_path / "set.tgz").as_uri(), sha(data)) / "balloon/val/b.txt").is_file()
-    assert fetch(str(tmp_path / "set.tgz"), tmp_path / "copy", sha(data), progress=False) == sha(data)
-    (tmp_path / "folder/inner").mkdir(parents=True)
-    (tmp_path / "folder/inner/f.txt").write_text("x")
-    dest = tmp_path / "from_folder"
-    dest.mkdir()
-    fetch_dataset([{"url": str(tmp_path / "folder"), "sha256": "", "subdir": "inner"}], dest,
-                  cache=tmp_path / "cache", max_bytes=MB)
-    assert (dest / "f.txt").read_text() == "x"
-    with pytest.raises(DetpipeError, match="no such file"):
+    assert fetch(str(tmp_path / "set.tgz"), tmp_path / "abs", sha(data), progress=False) == sha(data)
+    monkeypatch.chdir(tmp_path)
+    assert fetch("set.tgz", tmp_path / "rel", None, progress=False) == sha(data)
+    assert (tmp_path / "rel").read_bytes() == data
+    with pytest.raises(DetpipeError, match=f"{tmp_path / 'missing.zip'}: no such file"):
         fetch(str(tmp_path / "missing.zip"), tmp_path / "m", "0" * 64)
+
+
+def test_local_folder_is_copied(tmp_path):
+    (tmp_path / "folder/inner/sub").mkdir(parents=True)
+    (tmp_path / "folder/inner/sub/f.txt").write_text("x")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    fetch_dataset([{"url": (tmp_path / "folder").as_uri(), "sha256": "", "subdir": "inner"}], dest,
+                  cache=tmp_path / "cache", max_bytes=MB)
+    assert (dest / "sub/f.txt").read_text() == "x"
+    with pytest.raises(DetpipeError, match="no such folder"):
+        fetch_dataset([{"url": str(tmp_path / "folder"), "sha256": "", "subdir": "other"}], dest,
+                      cache=tmp_path / "cache", max_bytes=MB)
+
+
+def test_archives_unpack_into_one_folder_and_merge(server, tmp_path):
+    """COCO: images and annotations come in separate zips; VOC: trainval and test tars share folders."""
+    s = server()
+    s.files["trainval.tar"] = tar_bytes({"VOCdevkit/VOC2007/JPEGImages/1.jpg": b"1",
+                                         "VOCdevkit/VOC2007/Annotations/1.xml": b"a"}, "w")
+    s.files["test.tar"] = tar_bytes({"VOCdevkit/VOC2007/JPEGImages/2.jpg": b"2"}, "w")
+    s.files["ann.zip"] = zip_bytes({"annotations/instances.json": b"{}"})
+    dest = tmp_path / "out"
+    dest.mkdir()
+    fetch_dataset([{"url": f"{s.url}/{name}", "sha256": sha(s.files[name]), "subdir": subdir}
+                   for name, subdir in [("trainval.tar", "VOCdevkit/VOC2007"), ("test.tar", "VOCdevkit/VOC2007"),
+                                        ("ann.zip", "")]],
+                  dest, cache=tmp_path / "cache", max_bytes=MB, backoff=0, progress=False)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "Annotations/1.xml", "JPEGImages/1.jpg", "JPEGImages/2.jpg", "annotations/instances.json"]
+    assert leftovers(tmp_path) == []
 
 
 def test_missing_subdir_is_named(tmp_path):
@@ -223,7 +293,7 @@ def test_missing_subdir_is_named(tmp_path):
     (tmp_path / "set.tgz").write_bytes(data)
     with pytest.raises(DetpipeError, match="archive has no folder 'balloon'"):
         get(tmp_path, str(tmp_path / "set.tgz"), sha(data), subdir="balloon")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert list((tmp_path / "out").iterdir()) == [] and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("archive, message", [
@@ -233,32 +303,45 @@ def test_missing_subdir_is_named(tmp_path):
     (lambda: tar_bytes({"d/a": b"x"}, extra=[link("d/l", "../../etc/passwd")]), "link to '../../etc/passwd' outside"),
     (lambda: tar_bytes({"d/a": b"x"}, extra=[link("d/l", "/etc/passwd")]), "link to '/etc/passwd' outside"),
     (lambda: tar_bytes({"d/a": b"x"}, extra=[link("d/h", "../x", tarfile.LNKTYPE)]), "link to '../x' outside"),
+    (lambda: tar_bytes({"d/a": b"x"}, extra=[link("s", "t/.."), link("t", ".")]), r"link to 't/\.\.' outside"),
+    (lambda: zip_bytes({"d/a": b"x"}, {"d/l": "../../etc/passwd"}), "link to '../../etc/passwd' outside"),
     (lambda: tar_bytes({"d/a": b"x"}, extra=[link("d/dev", "", tarfile.CHRTYPE)]), "device file or FIFO 'd/dev'"),
+    (lambda: tar_bytes({"d/a": b"x"}, extra=[link("d/fifo", "", tarfile.FIFOTYPE)]), "device file or FIFO"),
     (lambda: tar_bytes({"d/a": b"x" * (MB + 1)}), r"unpacks to 1.0 MB, over the 1.0 MB limit"),
+    (lambda: zip_bytes({"d/a": b"x" * MB, "d/b": b"x"}), r"unpacks to 1.0 MB, over the 1.0 MB limit"),
     (lambda: b"not an archive at all", "not a zip or tar archive"),
 ])
 def test_unsafe_archives_are_refused_before_anything_is_written(tmp_path, archive, message):
     data = archive()
     (tmp_path / "a").write_bytes(data)
     with pytest.raises(DetpipeError, match=message):
+        extract(tmp_path / "a", tmp_path / "direct", max_bytes=MB)
+    assert not (tmp_path / "direct").exists()  # refused before extraction started
+    with pytest.raises(DetpipeError, match=message):
         get(tmp_path, str(tmp_path / "a"), sha(data))
-    assert list((tmp_path / "out").iterdir()) == []
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert list((tmp_path / "out").iterdir()) == [] and leftovers(tmp_path) == []
 
 
 def test_links_inside_the_archive_are_allowed(tmp_path):
-    data = tar_bytes({"d/a": b"x"}, extra=[link("d/sub/l", "../a"), link("d/h", "d/a", tarfile.LNKTYPE)])
-    archive = tmp_path / "a.tar"
-    archive.write_bytes(data)
-    extract(archive, tmp_path / "x", max_bytes=MB)
-    assert (tmp_path / "x/d/sub/l").read_bytes() == b"x" and (tmp_path / "x/d/h").read_bytes() == b"x"
+    extra = [link("d/sub/l", "../a"), link("d/h", "d/a", tarfile.LNKTYPE), link("d/up", "sub/.."),
+             link("d/chain", "up/a")]
+    (tmp_path / "a.tar").write_bytes(tar_bytes({"d/a": b"x"}, extra=extra))
+    extract(tmp_path / "a.tar", tmp_path / "x", max_bytes=MB)
+    for name in ("sub/l", "h", "chain"):
+        assert (tmp_path / "x/d" / name).read_bytes() == b"x"
+    (tmp_path / "a.zip").write_bytes(zip_bytes({"d/a": b"x"}, {"d/sub/l": "../a"}))
+    extract(tmp_path / "a.zip", tmp_path / "z", max_bytes=MB)  # zipfile writes the link as a file naming its target
+    assert (tmp_path / "z/d/sub/l").read_bytes() == b"../a"
 
 
-def test_corrupt_archive_leaves_nothing_half_unpacked(tmp_path):
-    data = tar_bytes({"d/a": b"x" * 5000, "d/b": BIG}, "w:gz")
-    data = data[: len(data) // 2]  # the gzip stream ends in the middle of the second member
-    (tmp_path / "a.tgz").write_bytes(data)
-    with pytest.raises(DetpipeError, match="a.tgz: damaged archive"):
-        get(tmp_path, str(tmp_path / "a.tgz"), sha(data))
-    assert list((tmp_path / "out").iterdir()) == []
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+@pytest.mark.parametrize("name, damage", [
+    ("a.tgz", lambda data: data[: len(data) // 2]),  # the gzip stream ends in the middle of the second member
+    ("a.zip", lambda data: data.replace(b"y" * 100, b"z" * 100, 1)),  # the second member fails its CRC
+])
+def test_corrupt_archive_leaves_nothing_half_unpacked(tmp_path, name, damage):
+    files = {"d/a": b"x" * 5000, "d/b": b"y" * 5000 + BIG[:200_000]}
+    data = damage(zip_bytes(files) if name.endswith(".zip") else tar_bytes(files))
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DetpipeError, match=f"{name}: unpacking failed, damaged archive"):
+        get(tmp_path, str(tmp_path / name), sha(data))
+    assert list((tmp_path / "out").iterdir()) == [] and leftovers(tmp_path) == []
