@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import inspect
 import random
+import sys
 from collections import Counter
 from pathlib import Path
+
+from tqdm import tqdm
 
 from detpipe import formats
 from detpipe.errors import DetpipeError
@@ -197,7 +200,7 @@ def load_splits(fmt: str, src: Path, classes: list[str] | None, splits: dict | N
 def convert_dataset(fmt: str, src: Path, out: Path, classes: list[str] | None = None, *,
                     splits: dict | None = None, options: dict | None = None, val_fraction: float = 0.2,
                     seed: int = 0, min_box_size: float = 1.0, strict: bool = False,
-                    content_hash: str | None = None) -> dict:
+                    content_hash: str | None = None, progress: bool = False) -> dict:
     """Convert ``src`` into ``out`` atomically (nothing is written on an error); returns ``stats.json``'s content.
 
     ``content_hash`` identifies the raw data (the download stage records it); it is passed on into the stats.
@@ -208,7 +211,7 @@ def convert_dataset(fmt: str, src: Path, out: Path, classes: list[str] | None = 
     built = {}
     for split, records in result.items():
         part = _Split(class_list, min_box_size, strict)
-        for rec in records:
+        for rec in tqdm(records, desc=f"convert {split}", unit="img", disable=not progress, file=sys.stderr):
             size = image_size(src / rec["filename"])
             given = (rec.get("width"), rec.get("height"))
             if given != (None, None) and tuple(given) != size:

@@ -30,14 +30,14 @@ def run() -> None:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         stats = convert.convert_dataset(args.format, src, Path(args.out), classes, val_fraction=args.val_fraction,
                                         seed=args.seed, min_box_size=args.min_box_size, strict=args.strict,
-                                        content_hash=content_hash(src))
+                                        content_hash=content_hash(src), progress=True)
     else:
         cfg = config.load(args.params, args.overrides)
         d = cfg.data
         stats = convert.convert_dataset(d.format, src, Path(args.out), d.classes, splits=d.splits, options=d.options,
                                         val_fraction=d.val_fraction, seed=d.split_seed,
                                         min_box_size=cfg.convert.min_box_size, strict=cfg.convert.strict,
-                                        content_hash=content_hash(src))
+                                        content_hash=content_hash(src), progress=True)
     for split, s in stats["splits"].items():
         changed = ", ".join(f"{k} {v}" for k, v in s["boxes_changed"].items() if v) or "none"
         print(f"{split}: {s['images']} images, {s['objects']} objects, {s['ignored']} ignore regions; {changed}")
