@@ -19,15 +19,10 @@ from tqdm import tqdm
 from detpipe import formats
 from detpipe.errors import DetpipeError
 from detpipe.formats import ClassList, image_size, polygon_area
-from detpipe.io import atomic_dir, write_json
+from detpipe.io import atomic_dir, listing, write_json
 
 # Data problems: counted in stats.json, errors under ``strict``.
 GEOMETRY = ("clipped_outside_image", "dropped_outside_image", "dropped_degenerate", "size_differs_from_header")
-
-
-def _listing(items: list[str], n: int = 5) -> str:
-    more = f" (and {len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def seeded_split(records: list[dict], val_fraction: float, seed: int) -> dict[str, list[dict]]:
@@ -168,9 +163,9 @@ def _check_records(src: Path, splits: dict[str, list[dict]], fmt: str) -> None:
             if not (src / name).is_file():
                 missing.append(name)
     if dupes:
-        raise DetpipeError(f"{src}: {len(dupes)} duplicate image name(s): {_listing(dupes)}")
+        raise DetpipeError(f"{src}: {len(dupes)} duplicate image name(s): {listing(dupes)}")
     if missing:
-        raise DetpipeError(f"{src}: labels refer to {len(missing)} missing image(s): {_listing(missing)}")
+        raise DetpipeError(f"{src}: labels refer to {len(missing)} missing image(s): {listing(missing)}")
 
 
 def load_splits(fmt: str, src: Path, classes: list[str] | None, splits: dict | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,11 @@ import torch
 from PIL import Image, ImageOps
 
 from detpipe.errors import DetpipeError
+from detpipe.io import read_json
 
 
 def load_coco(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DetpipeError(f"{path}: COCO file is missing") from None
-    except json.JSONDecodeError as exc:
-        raise DetpipeError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    return read_json(path, "COCO file")
 
 
 def read_rgb(path: Path) -> Image.Image:

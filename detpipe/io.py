@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from detpipe.errors import DetpipeError
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
@@ -29,6 +31,22 @@ def atomic_path(path: Path):
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path: Path, what: str):
+    """A JSON file; missing or malformed is a one-line error naming ``what`` the file is, and the line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DetpipeError(f"{path}: {what} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise DetpipeError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+
+
+def listing(items: list[str], n: int = 5) -> str:
+    """The first ``n`` of ``items`` and how many more: for errors that list every problem of a kind."""
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
 
 
 def write_json(path: Path, data, compact: bool = False) -> None:

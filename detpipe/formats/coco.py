@@ -14,6 +14,7 @@ from pathlib import Path
 
 from detpipe.errors import DetpipeError
 from detpipe.formats import ClassList, image_size, place_image, polygon_area, register
+from detpipe.io import read_json
 
 DEFAULT_SPLITS = {"train": "annotations/instances_train2017.json", "val": "annotations/instances_val2017.json"}
 
@@ -35,12 +36,7 @@ def _split_files(src: Path) -> dict[str, str]:
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise DetpipeError(f"{path}: COCO annotation file is missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DetpipeError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    data = read_json(path, "COCO annotation file")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or
                not isinstance(data.get(k), list)]
     if missing:

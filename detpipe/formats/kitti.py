@@ -13,6 +13,7 @@ from pathlib import Path
 
 from detpipe.errors import DetpipeError
 from detpipe.formats import ClassList, place_image, register
+from detpipe.io import listing
 
 TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc")
 DONTCARE = "DontCare"
@@ -80,9 +81,7 @@ def load(src: Path, classes: ClassList, splits: dict) -> dict[str, list[dict]] |
         ids = path.read_text().split()
         missing = [f"{LABEL_DIR}/{i}.txt" for i in ids if not (src / LABEL_DIR / f"{i}.txt").is_file()]
         if missing:
-            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise DetpipeError(f"{path}: {len(missing)} listed id(s) have no label file: "
-                               f"{', '.join(missing[:5])}{more}")
+            raise DetpipeError(f"{path}: {len(missing)} listed id(s) have no label file: {listing(missing)}")
         out[split] = [_record(src, i, images, classes) for i in ids]
     return out
 

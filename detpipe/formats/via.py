@@ -8,6 +8,7 @@ from pathlib import Path
 
 from detpipe.errors import DetpipeError
 from detpipe.formats import ClassList, place_image, register
+from detpipe.io import read_json
 
 ANNOTATION_FILE = "via_region_data.json"
 
@@ -32,12 +33,7 @@ def _shape(attrs: dict, where: str) -> tuple[list[float], list[float]]:
 def load_split(src: Path, folder: str, classes: ClassList, label_key: str = "label") -> list[dict]:
     """Records of one split folder: its images and ``via_region_data.json`` (or a whole VIA 2.x project file)."""
     ann_file = src / folder / ANNOTATION_FILE
-    if not ann_file.is_file():
-        raise DetpipeError(f"{ann_file}: VIA annotation file is missing")
-    try:
-        entries = json.loads(ann_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise DetpipeError(f"{ann_file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    entries = read_json(ann_file, "VIA annotation file")
     if "_via_img_metadata" in entries:  # a whole VIA 2.x project file
         entries = entries["_via_img_metadata"]
     single = classes[0] if len(classes) == 1 else None

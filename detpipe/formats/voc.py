@@ -9,6 +9,7 @@ from pathlib import Path
 
 from detpipe.errors import DetpipeError
 from detpipe.formats import ClassList, image_size, place_image, register
+from detpipe.io import listing
 
 LISTS = "ImageSets/Main"
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
@@ -82,9 +83,7 @@ def load(src: Path, classes: ClassList, splits: dict, annotations: str | None = 
         xmls = [ann_dir / f"{i}.xml" for i in path.read_text().split()]
         missing = [p.relative_to(src).as_posix() for p in xmls if not p.is_file()]
         if missing:
-            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise DetpipeError(f"{path}: {len(missing)} listed id(s) have no annotation file: "
-                               f"{', '.join(missing[:5])}{more}")
+            raise DetpipeError(f"{path}: {len(missing)} listed id(s) have no annotation file: {listing(missing)}")
         out[split] = [_record(p, images, classes) for p in xmls]
     return out
 

@@ -10,6 +10,7 @@ import yaml
 
 from detpipe.errors import DetpipeError
 from detpipe.formats import ClassList, image_size, place_image, register
+from detpipe.io import listing
 
 DATA_FILES = ("data.yaml", "dataset.yaml")
 DEFAULT_SPLITS = {"train": "train", "val": "val"}
@@ -89,8 +90,7 @@ def _check_orphans(src: Path, images: list[Path]) -> None:
     orphans = sorted(os.path.relpath(t, src) for d in label_folders if d.is_dir()
                      for t in d.glob("*.txt") if t not in known)
     if orphans:
-        more = f" (and {len(orphans) - 5} more)" if len(orphans) > 5 else ""
-        raise DetpipeError(f"{src}: {len(orphans)} label file(s) without an image: {', '.join(orphans[:5])}{more}")
+        raise DetpipeError(f"{src}: {len(orphans)} label file(s) without an image: {listing(orphans)}")
 
 
 def _record(src: Path, image: Path, to_label: list[int | None]) -> dict:
