@@ -28,16 +28,16 @@ def run() -> None:
         raise DetpipeError(f"{src}: raw dataset folder does not exist; run the download stage first")
     if args.format:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-        stats = convert.convert_dataset(args.format, src, Path(args.out), classes, val_fraction=args.val_fraction,
-                                        seed=args.seed, min_box_size=args.min_box_size, strict=args.strict,
-                                        content_hash=content_hash(src), progress=True)
+        fmt, how = args.format, {"val_fraction": args.val_fraction, "seed": args.seed,
+                                 "min_box_size": args.min_box_size, "strict": args.strict}
     else:
         cfg = config.load(args.params, args.overrides)
         d = cfg.data
-        stats = convert.convert_dataset(d.format, src, Path(args.out), d.classes, splits=d.splits, options=d.options,
-                                        val_fraction=d.val_fraction, seed=d.split_seed,
-                                        min_box_size=cfg.convert.min_box_size, strict=cfg.convert.strict,
-                                        content_hash=content_hash(src), progress=True)
+        fmt, classes = d.format, d.classes
+        how = {"splits": d.splits, "options": d.options, "val_fraction": d.val_fraction, "seed": d.split_seed,
+               "min_box_size": cfg.convert.min_box_size, "strict": cfg.convert.strict}
+    stats = convert.convert_dataset(fmt, src, Path(args.out), classes, content_hash=content_hash(src), progress=True,
+                                    **how)
     for split, s in stats["splits"].items():
         changed = ", ".join(f"{k} {v}" for k, v in s["boxes_changed"].items() if v) or "none"
         print(f"{split}: {s['images']} images, {s['objects']} objects, {s['ignored']} ignore regions; {changed}")

@@ -44,6 +44,7 @@ def register(name: str):
     return wrap
 
 
+@functools.cache  # once per process: config validation and the converter both ask
 def _load_plugins() -> None:
     for name in BUILTIN:
         importlib.import_module(f"detpipe.formats.{name}")
