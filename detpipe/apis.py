@@ -15,8 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detpipe.data import read_rgb
+from detpipe import config as config_mod
 from detpipe.errors import DetpipeError
+from detpipe.files import atomic_path
+from detpipe.images import read_rgb
+from detpipe.models import build_model, load_checkpoint
+from detpipe.visualize import draw
 
 
 class DetResult(list):
@@ -34,10 +38,7 @@ def init_detector(config=None, checkpoint=None, device: str = "cpu"):
     With a checkpoint, the architecture and classes stored in it are used; ``config`` may then be None.
     Without one, the model named in ``config`` is built untrained for the classes of its dataset.
     """
-    import torch
-
-    from detpipe import config as config_mod
-    from detpipe.models import build_model, load_checkpoint
+    import torch  # heavy: imported when a model is built, so importing the API stays quick
 
     if checkpoint is not None:
         model, meta = load_checkpoint(checkpoint, device)
@@ -58,10 +59,7 @@ def init_detector(config=None, checkpoint=None, device: str = "cpu"):
 
 def _as_pil(img) -> Image.Image:
     if isinstance(img, (str, Path)):
-        try:
-            return read_rgb(img)
-        except OSError as exc:
-            raise DetpipeError(f"{img}: cannot read image ({exc})") from None
+        return read_rgb(img)
     if isinstance(img, np.ndarray):  # an RGB array, HxWx3 uint8
         return Image.fromarray(img.astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
@@ -95,8 +93,6 @@ def inference_detector(model, imgs):
 
 def show_result(img, result: DetResult, score_thr: float = 0.3, out_file=None) -> Image.Image:
     """Draw detections scoring at least ``score_thr``; save to ``out_file`` when given; return the picture."""
-    from detpipe.visualize import draw
-
     image = _as_pil(img)
     boxes, labels, scores, masks = [], [], [], []
     for k, dets in enumerate(result):
@@ -109,8 +105,6 @@ def show_result(img, result: DetResult, score_thr: float = 0.3, out_file=None) -
                     masks.append(result.masks[k][j])
     picture = draw(image, boxes, labels, result.class_names, scores, masks if result.masks is not None else None)
     if out_file is not None:
-        from detpipe.io import atomic_path
-
         out_file = Path(out_file)
         with atomic_path(out_file) as tmp:
             picture.save(tmp, format=Image.registered_extensions().get(out_file.suffix.lower(), "PNG"))

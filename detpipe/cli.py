@@ -12,8 +12,8 @@ from detpipe.errors import DetpipeError
 INPUTS = {
     "data": ("data/coco", "converted dataset"),
     "images": ("data/raw", "image root"),
-    "train-dir": ("runs/train", "train stage output"),
-    "eval-dir": ("runs/eval", "evaluate stage output"),
+    "model": ("runs/train", "train stage output (model.pt, run.json, logs)"),
+    "eval": ("runs/eval", "evaluate stage output (metrics, predictions)"),
 }
 
 
@@ -34,7 +34,7 @@ def main(fn: Callable[[], None]) -> None:
     try:
         fn()
     except DetpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message held
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)

@@ -3,88 +3,120 @@
 from __future__ import annotations
 
 import difflib
+import math
+import operator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from detpipe.errors import DetpipeError
-from detpipe.models import ARCHITECTURES, BACKBONES
 
 PARAMS_FILE = Path("params/detpipe.yaml")
 DATASETS_FILE = Path("params/datasets.yaml")
+REQUIRED = object()
 
-# key: (accepted type or tuple of allowed values, one-line meaning[, default when the key may be left out]).
-# Documented in docs/params.md.
+# The choices of model.name and model.backbone; detpipe.models builds exactly these (a test keeps them equal).
+# They are spelled out here so that reading params does not make every stage depend on the model code.
+ARCHITECTURES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One param: its type (or tuple of allowed values), meaning, default (when it may be left out) and range."""
+
+    kind: Any
+    help: str
+    default: Any = REQUIRED
+    ge: float | None = None  # inclusive bounds
+    le: float | None = None
+    gt: float | None = None  # exclusive bounds
+    lt: float | None = None
+
+    def range_error(self, value) -> str | None:
+        checks = ((self.ge, operator.ge, "at least"), (self.le, operator.le, "at most"),
+                  (self.gt, operator.gt, "more than"), (self.lt, operator.lt, "less than"))
+        for bound, holds, words in checks:
+            if bound is not None and not holds(value, bound):
+                return f"must be {words} {bound:g}, got {value!r}"
+        return None
+
+
+# Documented in docs/params.md (a test checks every key is there).
 SCHEMA: dict[str, Any] = {
-    "experiment": (str, "MLflow experiment name; runs of one experiment are compared in the report"),
-    "seed": (int, "seed for weight init, data order and augmentation"),
-    "device": (("auto", "cpu", "cuda"), "auto uses CUDA when present"),
-    "threads": (int, "CPU threads for torch; 0 = every core (Snakemake would otherwise pin OMP to 1 thread)"),
-    "dataset": (str, "name of an entry in params/datasets.yaml"),
+    "experiment": Key(str, "MLflow experiment name; runs of one experiment are compared in the report"),
+    "seed": Key(int, "seed for weight init, data order and augmentation", ge=0),
+    "device": Key(("auto", "cpu", "cuda"), "auto uses CUDA when present"),
+    "threads": Key(int, "CPU threads for torch; 0 = every core (Snakemake would otherwise pin OMP to 1 thread)", ge=0),
+    "dataset": Key(str, "name of an entry in params/datasets.yaml"),
     "download": {
-        "retries": (int, "tries per archive after a dropped connection (resumed with HTTP Range)"),
-        "max_unpacked_gb": (float, "refuse archives that unpack to more than this"),
-        "cache": (str, "folder keeping verified archives, so a rerun downloads nothing"),
+        "retries": Key(int, "tries per archive after a dropped connection (resumed with HTTP Range)", ge=0),
+        "max_unpacked_gb": Key(float, "refuse archives that unpack to more than this", gt=0),
+        "max_ratio": Key(float, "refuse archives (and members) that unpack to more than this many times their "
+                                "packed size: a zip bomb, not data", 200.0, gt=1),
+        "cache": Key(str, "folder keeping verified archives, so a rerun downloads nothing"),
     },
     "convert": {
-        "min_box_size": (float, "boxes narrower or shorter than this (pixels, after clipping) are dropped"),
-        "strict": (bool, "clipped, dropped or mis-sized boxes are errors instead of counts"),
+        "min_box_size": Key(float, "boxes narrower or shorter than this (pixels, after clipping) are dropped", ge=0),
+        "strict": Key(bool, "clipped, dropped or mis-sized boxes are errors instead of counts"),
     },
     "model": {
-        "name": (ARCHITECTURES, "detector architecture"),
-        "backbone": (BACKBONES, "backbone network (with an FPN)"),
-        "fpn_channels": (int, "feature-pyramid width; 256 is torchvision's, smaller is much faster on a CPU"),
-        "pretrained_backbone": (bool, "start from torchvision's ImageNet backbone weights (downloads once)"),
-        "min_size": (int, "images are resized so their short side is this many pixels"),
-        "max_size": (int, "...and their long side at most this many"),
+        "name": Key(ARCHITECTURES, "detector architecture"),
+        "backbone": Key(BACKBONES, "backbone network (with an FPN)"),
+        "fpn_channels": Key(int, "feature-pyramid width; 256 is torchvision's, smaller is much faster on a CPU", ge=1),
+        "pretrained_backbone": Key(bool, "start from torchvision's ImageNet backbone weights (downloads once)"),
+        "min_size": Key(int, "images are resized so their short side is this many pixels", ge=16),
+        "max_size": Key(int, "...and their long side at most this many", ge=16),
     },
     "train": {
-        "epochs": (int, "passes over the train split"),
-        "batch_size": (int, "images per iteration"),
-        "lr": (float, "peak learning rate of SGD"),
-        "momentum": (float, "SGD momentum"),
-        "weight_decay": (float, "L2 weight decay"),
-        "warmup_iters": (int, "iterations of linear learning-rate warm-up"),
-        "lr_schedule": (("cosine", "step", "constant"), "decay after warm-up; step divides by 10 at 2/3 and 8/9"),
-        "hflip": (float, "probability of a horizontal flip per training image"),
-        "amp": (bool, "bfloat16 autocast on CUDA (ignored on the CPU)"),
-        "num_workers": (int, "DataLoader worker processes"),
-        "log_interval": (int, "print loss and ETA every this many iterations"),
+        "epochs": Key(int, "passes over the train split", ge=1),
+        "batch_size": Key(int, "images per iteration", ge=1),
+        "lr": Key(float, "peak learning rate of SGD", gt=0),
+        "momentum": Key(float, "SGD momentum", ge=0, lt=1),
+        "weight_decay": Key(float, "L2 weight decay", ge=0),
+        "warmup_iters": Key(int, "iterations of linear learning-rate warm-up", ge=0),
+        "lr_schedule": Key(("cosine", "step", "constant"), "decay after warm-up; step divides by 10 at 2/3 and 8/9"),
+        "hflip": Key(float, "probability of a horizontal flip per training image", ge=0, le=1),
+        "amp": Key(bool, "bfloat16 autocast on CUDA (ignored on the CPU)"),
+        "num_workers": Key(int, "DataLoader worker processes", ge=0),
+        "log_interval": Key(int, "print loss and ETA every this many iterations", ge=1),
     },
     "evaluate": {
-        "batch_size": (int, "images per inference batch"),
-        "score_thr": (float, "detections below this score are not saved"),
+        "batch_size": Key(int, "images per inference batch", ge=1),
+        "score_thr": Key(float, "detections below this score are not saved", ge=0, le=1),
     },
     "report": {
-        "num_samples": (int, "val images drawn with predictions beside ground truth"),
-        "score_thr": (float, "detections below this score are not drawn"),
+        "num_samples": Key(int, "val images drawn with predictions beside ground truth", ge=0),
+        "score_thr": Key(float, "detections below this score are not drawn", ge=0, le=1),
     },
 }
 
 DATASET_SCHEMA: dict[str, Any] = {
-    "source": (("synthetic", "url", "local"), "where the raw files come from"),
-    "format": (str, "raw annotation format: coco, kitti, via, voc, yolo or one registered in workflow/formats/"),
-    "classes": (list, "class names in label order; [] takes every class the data has"),
-    "splits": (dict, "split name -> where the format finds it (folder, list file or annotation file)", {}),
-    "options": (dict, "format-specific options, passed to the loader as keyword arguments", {}),
-    "val_fraction": (float, "share of images put in val when the data has no split files", 0.2),
-    "split_seed": (int, "seed of that split", 0),
-    "description": (str, "one line about the dataset", ""),
+    "source": Key(("synthetic", "url", "local"), "where the raw files come from"),
+    "format": Key(str, "raw annotation format: coco, kitti, via, voc, yolo or one registered in workflow/formats/"),
+    "classes": Key(list, "class names in label order; [] takes every class the data has"),
+    "splits": Key(dict, "split name -> where the format finds it (folder, list file or annotation file)", {}),
+    "options": Key(dict, "format-specific options, passed to the loader as keyword arguments", {}),
+    "val_fraction": Key(float, "share of images put in val when the data has no split files", 0.2, gt=0, lt=1),
+    "split_seed": Key(int, "seed of that split", 0, ge=0),
+    "description": Key(str, "one line about the dataset", ""),
 }
 ARCHIVE_SCHEMA: dict[str, Any] = {
-    "url": (str, "http(s) or file URL, or a local path, of a zip/tar archive (or a local folder)"),
-    "sha256": (str, "expected sha256 of the archive (\"\": download once and print it)"),
-    "subdir": (str, "folder inside the archive that holds the dataset", ""),
+    "url": Key(str, "http(s) or file URL, or a local path, of a zip/tar archive (or a local folder)"),
+    "sha256": Key(str, "expected sha256 of the archive (\"\": download once and print it)"),
+    "subdir": Key(str, "folder inside the archive that holds the dataset", ""),
 }
 SOURCE_SCHEMA: dict[str, dict[str, Any]] = {
     "synthetic": {"generate": {
-        "num_train": (int, "train images"), "num_val": (int, "val images"),
-        "image_size": (int, "square image side in pixels"), "max_objects": (int, "objects per image, at most"),
-        "seed": (int, "generator seed"),
+        "num_train": Key(int, "train images", ge=1), "num_val": Key(int, "val images", ge=1),
+        "image_size": Key(int, "square image side in pixels", ge=16),
+        "max_objects": Key(int, "objects per image, at most", ge=1),
+        "seed": Key(int, "generator seed", ge=0),
     }},
-    "url": {"archives": (list, "archives unpacked together into data/raw, each {url, sha256, subdir}")},
-    "local": {"path": (str, "folder holding the raw dataset")},
+    "url": {"archives": Key(list, "archives unpacked together into data/raw, each {url, sha256, subdir}")},
+    "local": {"path": Key(str, "folder holding the raw dataset")},
 }
 
 
@@ -114,14 +146,41 @@ def apply_override(data: dict, override: str) -> None:
     """Apply ``a.b=value`` in place; the value is parsed as YAML (``0.1``, ``true``, ``[a, b]``)."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
-        raise DetpipeError(f"override {override!r}: expected KEY=VALUE")
+        raise DetpipeError(f"--set {override!r}: expected KEY=VALUE")
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
         if not isinstance(node.get(part), dict):
-            raise DetpipeError(f"override {override!r}: {part!r} is not a section")
+            raise DetpipeError(f"--set {override!r}: {part!r} is not a section")
         node = node[part]
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise DetpipeError(f"--set {key}: value {raw!r} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def _check_value(value: Any, spec: Key, name: str, where: str) -> Any:
+    """The value, converted where the schema allows (an integer for a float key); else a one-line error."""
+    kind = spec.kind
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise DetpipeError(f"{where}: {name} is {value!r}; choose one of {', '.join(map(str, kind))}")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+            noun = "an integer" if kind is int else "a number"
+            raise DetpipeError(f"{where}: {name} must be {noun}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DetpipeError(f"{where}: {name} must be a finite number, got {value!r}")
+        value = kind(value)
+        problem = spec.range_error(value)
+        if problem:
+            raise DetpipeError(f"{where}: {name} {problem}")
+        return value
+    if not isinstance(value, kind):
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise DetpipeError(f"{where}: {name} must be {article} {kind.__name__}, got {value!r}")
+    return value
 
 
 def _validate(data: Any, schema: dict, where: str, prefix: str = "") -> None:
@@ -134,28 +193,14 @@ def _validate(data: Any, schema: dict, where: str, prefix: str = "") -> None:
             raise DetpipeError(f"{where}: unknown key {prefix}{key}{tip}")
     for key, spec in schema.items():
         name = prefix + key
-        if key not in data and isinstance(spec, tuple) and len(spec) == 3:
-            data[key] = spec[2]
+        if key not in data and isinstance(spec, Key) and spec.default is not REQUIRED:
+            data[key] = spec.default
         if key not in data:
             raise DetpipeError(f"{where}: missing key {name}")
-        value = data[key]
         if isinstance(spec, dict):
-            _validate(value, spec, where, name + ".")
-            continue
-        kind = spec[0]
-        if isinstance(kind, tuple):
-            if value not in kind:
-                raise DetpipeError(f"{where}: {name} is {value!r}; choose one of {', '.join(map(str, kind))}")
-        elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise DetpipeError(f"{where}: {name} must be a number, got {value!r}")
-            data[key] = float(value)
-        elif kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise DetpipeError(f"{where}: {name} must be an integer, got {value!r}")
-        elif not isinstance(value, kind):
-            article = "an" if kind.__name__[0] in "aeiou" else "a"
-            raise DetpipeError(f"{where}: {name} must be {article} {kind.__name__}, got {value!r}")
+            _validate(data[key], spec, where, name + ".")
+        else:
+            data[key] = _check_value(data[key], spec, name, where)
 
 
 def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | None = None) -> Config:
@@ -167,6 +212,9 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     for item in overrides:
         apply_override(data, item)
     _validate(data, SCHEMA, str(path))
+    if data["model"]["max_size"] < data["model"]["min_size"]:
+        raise DetpipeError(f"{path}: model.max_size ({data['model']['max_size']}) is less than model.min_size "
+                           f"({data['model']['min_size']})")
     registry_path = Path(datasets) if datasets else path.parent / DATASETS_FILE.name
     data["data"] = load_dataset_entry(registry_path, data["dataset"])
     return Config(data)
@@ -190,13 +238,7 @@ def load_dataset_entry(registry_path: Path, name: str) -> dict:
         _validate(archive, ARCHIVE_SCHEMA, where, f"archives[{i}].")
     if not entry.get("archives", True):
         raise DetpipeError(f"{where}: archives is empty")
-    from detpipe import formats
-
-    try:
-        formats.loader(entry["format"])
-    except DetpipeError as exc:  # unknown format (with a suggestion) or a broken plugin
-        raise DetpipeError(f"{where}: {exc}") from None
-    return entry
+    return entry  # the format name is checked by the convert stage, which owns the format loaders
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,27 +1,39 @@
-"""Training loop and batched prediction for torchvision detectors."""
+"""The training loop and batched prediction for torchvision detectors, one epoch at a time.
+
+Shaped like torchvision's ``references/detection/engine.py``: :func:`train_one_epoch` returns its log
+row, :func:`evaluate` is separate; the optimizer and the schedule are built apart; augmentation is the
+dataset's business (:mod:`detpipe.transforms`), not the loop's.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from detpipe.data import CocoDetection, collate
-from detpipe.io import atomic_torch_save
+from detpipe.datasets import CocoDetection, collate
+from detpipe.errors import DetpipeError
+from detpipe.metrics import coco_evaluate
+from detpipe.transforms import seed_worker
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the caller says what to change."""
+
+    def __init__(self, value: float, iteration: int, epoch: int):
+        super().__init__(f"loss is {value} at iteration {iteration} (epoch {epoch})")
+        self.value, self.iteration, self.epoch = value, iteration, epoch
 
 
 def set_threads(threads: int) -> None:
     """Use ``threads`` CPU threads (0: every core). Snakemake exports OMP_NUM_THREADS=1 to single-thread
     rules, which would make training on the CPU about half as fast on two cores; the param decides instead."""
-    import os
-
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
@@ -29,8 +41,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from detpipe.errors import DetpipeError
-
         raise DetpipeError("device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
 
@@ -40,6 +50,19 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, generator: torch.Generator,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """Shuffled batches in an order drawn from ``generator``; workers reseed the dataset's transforms."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
+        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def lr_factor(it: int, total: int, warmup: int, schedule: str) -> float:
@@ -54,108 +77,77 @@ def lr_factor(it: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def _to_device(images, targets, device):
+def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int, schedule: str):
+    """A per-iteration schedule (``step()`` after every optimizer step) over ``total_iters``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, total_iters, warmup_iters, schedule))
+
+
+def to_device(images, targets, device: torch.device):
+    """uint8 CHW images to float in [0, 1] on ``device``; target tensors moved along."""
     images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
     targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in targets]
     return images, targets
 
 
-def _hflip(images, targets, gen: torch.Generator, prob: float):
-    """Flip images and their targets left-right, drawing from ``gen`` so the result is seeded."""
-    for i, (im, t) in enumerate(zip(images, targets)):
-        if prob and torch.rand((), generator=gen).item() < prob:
-            width = im.shape[-1]
-            images[i] = im.flip(-1)
-            boxes = t["boxes"].clone()
-            boxes[:, [0, 2]] = width - t["boxes"][:, [2, 0]]
-            t["boxes"] = boxes
-            if "masks" in t:
-                t["masks"] = t["masks"].flip(-1)
-    return images, targets
+def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, epoch: int, *, amp: bool = False,
+                    clip_norm: float = 10.0, first_iter: int = 0, total_iters: int | None = None,
+                    log_interval: int = 20, iter_log=None, started: float | None = None,
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+    """One pass over ``loader``; returns the epoch's log row (mean of each loss, last lr, images per second).
 
-
-def train(model, train_set: CocoDetection, val_set: CocoDetection, tcfg, *, device: torch.device, seed: int,
-          out_dir: Path, on_epoch: Callable[[int, dict], None] = lambda e, m: None,
-          log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> list[dict]:
-    """Train for ``tcfg.epochs``; after each epoch evaluate on ``val_set``, checkpoint, and call ``on_epoch``.
-
-    Writes ``iter_log.csv`` (one row per iteration) and ``last.pt`` (model, optimizer, epoch, RNG) to ``out_dir``.
+    ``first_iter`` counts the iterations of earlier epochs (for the ETA and ``iter_log``, a CSV file
+    written one row per iteration). A NaN or infinite loss raises :class:`NonFiniteLoss` before any step.
     """
-
-    gen = seed_everything(seed)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=tcfg.batch_size, shuffle=True, generator=gen, collate_fn=collate,
-        num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
-        worker_init_fn=lambda wid: np.random.seed(seed + wid), persistent_workers=tcfg.num_workers > 0)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-    total = tcfg.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, total, tcfg.warmup_iters, tcfg.lr_schedule))
-    use_amp = tcfg.amp and device.type == "cuda"
-    aug_gen = torch.Generator().manual_seed(seed + 1)
-    history, it, start = [], 0, time.time()
-    iter_log = (out_dir / "iter_log.csv").open("w")
-    iter_log.write("epoch,iter,lr,loss\n")
-    for epoch in range(1, tcfg.epochs + 1):
-        model.train()
-        sums, seen, epoch_start = defaultdict(float), 0, time.time()
-        for images, targets in loader:
-            images, targets = _to_device(list(images), list(targets), device)
-            images, targets = _hflip(images, targets, aug_gen, tcfg.hflip)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            optimizer.step()
-            scheduler.step()
-            it += 1
-            seen += len(images)
-            for k, v in losses.items():
-                sums[k] += v.item()
-            sums["loss"] += loss.item()
-            lr = optimizer.param_groups[0]["lr"]
+    model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    use_amp = amp and device.type == "cuda"
+    total = total_iters or first_iter + len(loader)
+    started = started or time.time()
+    sums, seen, it, epoch_start = defaultdict(float), 0, first_iter, time.time()
+    for images, targets in loader:
+        images, targets = to_device(list(images), list(targets), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(loss.item(), it + 1, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+        scheduler.step()
+        it += 1
+        seen += len(images)
+        for k, v in losses.items():
+            sums[k] += v.item()
+        sums["loss"] += loss.item()
+        lr = optimizer.param_groups[0]["lr"]
+        if iter_log is not None:
             iter_log.write(f"{epoch},{it},{lr:.6g},{loss.item():.5f}\n")
-            if it % tcfg.log_interval == 0 or it == total:
-                eta = (time.time() - start) / it * (total - it)
-                log(f"epoch {epoch}/{tcfg.epochs} iter {it}/{total} loss {loss.item():.3f} "
-                    f"lr {lr:.4g} eta {eta:.0f}s")
+        if it % log_interval == 0 or it == total:
+            eta = (time.time() - started) / (it - first_iter) * (total - it)
+            log(f"epoch {epoch} iter {it}/{total} loss {loss.item():.3f} lr {lr:.4g} eta {eta:.0f}s")
+    if iter_log is not None:
         iter_log.flush()
-        n = len(loader)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-               **{f"train_{k}": v / n for k, v in sums.items()},
-               "train_img_per_s": seen / (time.time() - epoch_start)}
-        _, evals = evaluate_model(model, val_set, device, batch_size=tcfg.batch_size)
-        for iou_type, result in evals.items():
-            row[f"val_{iou_type}_mAP"] = result["stats"]["mAP"]
-            row[f"val_{iou_type}_mAP50"] = result["stats"]["mAP50"]
-        history.append(row)
-        log(f"epoch {epoch} done: loss {row['train_loss']:.3f} val bbox mAP50 {row['val_bbox_mAP50']:.3f}")
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch,
-                           "rng": torch.get_rng_state(), "aug_rng": aug_gen.get_state()}, out_dir / "last.pt")
-        on_epoch(epoch, row)
-    iter_log.close()
-    return history
+    n = len(loader)
+    return {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+            **{f"train_{k}": v / n for k, v in sums.items()},
+            "train_img_per_s": seen / (time.time() - epoch_start)}
 
 
 @torch.no_grad()
 def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
             score_thr: float = 0.0) -> list[dict]:
     """COCO result dicts (bbox in xywh, category ids of the dataset; RLE masks for mask models)."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # heavy: imported when predicting, not when the module loads
 
     model.eval().to(device)
     results = []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     for images, targets in loader:
-        images, _ = _to_device(list(images), [], device)
+        images, _ = to_device(list(images), [], device)
         outputs = model(images)
         for out, target in zip(outputs, targets):
             keep = out["scores"] >= score_thr
@@ -175,11 +167,9 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
     return results
 
 
-def evaluate_model(model, dataset: CocoDetection, device, batch_size: int = 8,
-                   score_thr: float = 0.0) -> tuple[list[dict], dict]:
+def evaluate(model, dataset: CocoDetection, device, batch_size: int = 8,
+             score_thr: float = 0.0) -> tuple[list[dict], dict]:
     """Predictions and ``{iou_type: coco_evaluate result}``; segm only for models that predict masks."""
-    from detpipe.evaluation import coco_evaluate
-
     dets = predict(model, dataset, device, batch_size, score_thr)
     types = ["bbox", "segm"] if dataset.with_masks else ["bbox"]
     return dets, {t: coco_evaluate(dataset.coco, dets, t) for t in types}

@@ -86,9 +86,12 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         meta, m = ckpt["meta"], ckpt["meta"]["model"]
-    except (KeyError, TypeError, RuntimeError, EOFError) as exc:
-        raise DetpipeError(f"{path}: not a detpipe checkpoint ({exc})") from None
-    model = build_model(m["name"], m["backbone"], len(meta["classes"]) + 1, min_size=m["min_size"],
-                        max_size=m["max_size"], fpn_channels=m["fpn_channels"])
-    model.load_state_dict(ckpt["model"])
+        model = build_model(m["name"], m["backbone"], len(meta["classes"]) + 1, min_size=m["min_size"],
+                            max_size=m["max_size"], fpn_channels=m["fpn_channels"])
+        model.load_state_dict(ckpt["model"])
+    except DetpipeError as exc:
+        raise DetpipeError(f"{path}: {exc}") from None
+    except Exception as exc:  # torch raises many kinds for a damaged file: truncated zip, bad pickle, wrong keys
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DetpipeError(f"{path}: not a readable detpipe checkpoint ({why}); rerun the train stage") from None
     return model.to(device).eval(), meta

@@ -1,7 +1,10 @@
-"""The pipeline's stages: one definition read by the Snakefile and rendered into dvc.yaml.
+"""The pipeline table: each stage's command, data, params and library code, read by the Snakefile and
+rendered into dvc.yaml (``python -m detpipe.pipeline > dvc.yaml``; a test fails when they differ).
 
-``python -m detpipe.pipeline`` prints dvc.yaml; a test fails when the committed file differs, so
-Snakemake and DVC always run the same commands on the same inputs, outputs and params.
+A stage's code is its script plus the library modules it loads (``modules``): both tools rerun a stage
+when one of those files changes, and only then. ``tests/test_pipeline.py`` imports each stage script in
+a fresh interpreter and fails when it loads a ``detpipe`` module its list does not name (or names one it
+does not load), so the lists cannot go stale.
 """
 
 from __future__ import annotations
@@ -11,19 +14,34 @@ from pathlib import Path
 
 import yaml
 
-PACKAGE = "detpipe"
+ROOT = Path(__file__).resolve().parents[1]
 PARAMS = "params/detpipe.yaml"
 DATASETS = "params/datasets.yaml"
-RAW, COCO, TRAIN, EVAL, REPORT = "data/raw", "data/coco", "runs/train", "runs/eval", "reports"
+RAW, COCO, TRAIN, EVAL, REPORT = "data/raw", "data/coco", "runs/train", "runs/eval", "reports/index.html"
 PLUGINS = "workflow/formats"  # the project's own dataset formats (see docs/datasets.md)
+LOGS = "logs"
+
+# Layers, lowest first: a module imports only from its own layer or below (tests/test_layers.py).
+CORE = ("errors", "files", "images", "synthetic", "archives", "formats", "formats.coco", "formats.kitti",
+        "formats.via", "formats.voc", "formats.yolo", "formats.middle", "conversion", "transforms", "datasets",
+        "models", "metrics", "engine", "visualize", "cli")
+SERVICES = ("config", "tracking")
+STAGE_MODULES = ("download", "convert", "train", "evaluate", "report", "apis")
+LAYERS = (CORE, SERVICES, STAGE_MODULES, ("pipeline",))
+
+_BASE = ("cli", "errors", "config", "files")  # every stage script parses flags and params the same way
+_FORMATS = ("formats", "formats.coco", "formats.kitti", "formats.via", "formats.voc", "formats.yolo")
+_MODEL = ("images", "transforms", "datasets", "metrics", "engine", "models", "tracking")
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    deps: list[str]                                  # files and folders besides the package and the script
+    args: dict[str, str]                             # command-line flag -> path, in the order of the command
+    deps: list[str]                                  # data the stage reads: earlier stages' outputs, folders
     outs: list[str]                                  # folders are written whole by the stage
     params: dict[str, list[str] | None]              # file -> keys (None: every key in the file)
+    modules: tuple[str, ...]                         # detpipe modules the stage loads (the package itself implied)
     metrics: list[str] = field(default_factory=list)  # small JSON files kept out of the cache
 
     @property
@@ -32,25 +50,46 @@ class Stage:
 
     @property
     def cmd(self) -> str:
-        return f"python {self.script}"
+        return " ".join(["python", self.script, *(f"--{flag} {path}" for flag, path in self.args.items())])
+
+    @property
+    def code(self) -> list[str]:
+        """The files whose change reruns the stage: its script and every library module it loads."""
+        return [self.script, *(module_file(m) for m in ("", *self.modules))]
 
     @property
     def dir_outs(self) -> list[str]:
         return [o for o in self.outs if not Path(o).suffix]
 
+    @property
+    def log(self) -> str:
+        return f"{LOGS}/{self.name}.log"
 
+
+def module_file(module: str) -> str:
+    """``formats.coco`` -> ``detpipe/formats/coco.py``; a package -> its ``__init__.py``; "" -> the package's."""
+    path = Path("detpipe", *module.split(".")) if module else Path("detpipe")
+    return (path / "__init__.py" if (ROOT / path).is_dir() else path.with_suffix(".py")).as_posix()
+
+
+EVAL_FILES = [f"{EVAL}/predictions.json", f"{EVAL}/per_class.csv"]
 STAGES = {s.name: s for s in [
-    Stage("download", deps=[], outs=[RAW],
-          params={PARAMS: ["dataset", "download"], DATASETS: None}),
-    Stage("convert", deps=[RAW, PLUGINS], outs=[COCO],
-          params={PARAMS: ["dataset", "convert"], DATASETS: None}),
-    Stage("train", deps=[RAW, COCO], outs=[TRAIN],
-          params={PARAMS: ["experiment", "seed", "device", "threads", "model", "train"]}),
-    Stage("evaluate", deps=[RAW, COCO, TRAIN], outs=[f"{EVAL}/predictions.json", f"{EVAL}/per_class.csv"],
-          params={PARAMS: ["device", "threads", "evaluate"]}, metrics=[f"{EVAL}/metrics.json"]),
-    Stage("report", deps=[RAW, COCO, TRAIN, f"{EVAL}/predictions.json", f"{EVAL}/per_class.csv",
-                          f"{EVAL}/metrics.json"], outs=[f"{REPORT}/index.html"],
-          params={PARAMS: ["experiment", "report"]}),
+    Stage("download", args={"out": RAW}, deps=[], outs=[RAW],
+          params={PARAMS: ["dataset", "download"], DATASETS: None},
+          modules=(*_BASE, "archives", "synthetic", "download")),
+    Stage("convert", args={"src": RAW, "formats": PLUGINS, "out": COCO}, deps=[RAW, PLUGINS], outs=[COCO],
+          params={PARAMS: ["dataset", "convert"], DATASETS: None},
+          modules=(*_BASE, *_FORMATS, "conversion", "convert")),
+    Stage("train", args={"data": COCO, "images": RAW, "out": TRAIN}, deps=[RAW, COCO], outs=[TRAIN],
+          params={PARAMS: ["experiment", "seed", "device", "threads", "model", "train"]},
+          modules=(*_BASE, *_MODEL, "train")),
+    Stage("evaluate", args={"data": COCO, "images": RAW, "model": TRAIN, "out": EVAL}, deps=[RAW, COCO, TRAIN],
+          outs=EVAL_FILES, params={PARAMS: ["device", "threads", "evaluate"]},
+          modules=(*_BASE, *_MODEL, "evaluate"), metrics=[f"{EVAL}/metrics.json"]),
+    Stage("report", args={"data": COCO, "images": RAW, "model": TRAIN, "eval": EVAL, "out": REPORT},
+          deps=[RAW, COCO, TRAIN, *EVAL_FILES, f"{EVAL}/metrics.json"], outs=[REPORT],
+          params={PARAMS: ["experiment", "report"]},
+          modules=(*_BASE, "images", "visualize", "tracking", "report")),
 ]}
 
 
@@ -68,7 +107,7 @@ def dvc_yaml() -> str:
     for s in STAGES.values():
         entry = {
             "cmd": s.cmd,
-            "deps": [s.script, PACKAGE, *s.deps],
+            "deps": [*s.code, *s.deps],
             "params": [{f: k} if k is not None else {f: None} for f, k in s.params.items()],
             "outs": list(s.outs),
         }

@@ -1,16 +1,23 @@
-"""The report stage: one self-contained HTML page (figures inlined) about a training run and its evaluation."""
+"""The report stage: one self-contained HTML page (figures inlined) about a training run and its evaluation.
+
+Every upstream file and the MLflow run are read and checked before the page is built; the page is written
+atomically and then attached to the training run in MLflow.
+"""
 
 from __future__ import annotations
 
 import csv
 import html
 import io
-import json
+import sys
 from pathlib import Path
 
 import yaml
 
-from detpipe import config
+from detpipe import config, tracking
+from detpipe.errors import DetpipeError
+from detpipe.files import read_json, read_json_keys, write_text
+from detpipe.images import ann_mask, read_rgb
 from detpipe.visualize import data_uri, draw
 
 
@@ -22,9 +29,17 @@ def _figure_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _read_csv(path: Path, what: str, columns: tuple[str, ...]) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise DetpipeError(f"{path}: {what} is missing") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DetpipeError(f"{path}: malformed CSV in {what} ({exc})") from None
+    if not rows or not set(columns) <= set(rows[0]):
+        raise DetpipeError(f"{path}: {what} has no rows with the columns {', '.join(columns)}")
+    return rows
 
 
 def _table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -44,7 +59,7 @@ def _fmt(v) -> str:
 
 
 def curves(history: list[dict]) -> str:
-    import matplotlib
+    import matplotlib  # heavy: imported when the figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,8 +82,6 @@ def curves(history: list[dict]) -> str:
 def samples(val_coco: dict, predictions: list[dict], image_root: Path, count: int, score_thr: float) -> list[str]:
     """Data URIs of side-by-side pictures: ground truth (left) and predictions (right)."""
     from PIL import Image
-
-    from detpipe.data import ann_mask, read_rgb
 
     cats = [c["id"] for c in val_coco["categories"]]
     names = [c["name"] for c in val_coco["categories"]]
@@ -104,8 +117,6 @@ def samples(val_coco: dict, predictions: list[dict], image_root: Path, count: in
 
 
 def earlier_runs_table(experiment: str) -> str:
-    from detpipe import tracking
-
     df = tracking.earlier_runs(experiment)
     if df.empty:
         return "<p><em>no runs</em></p>"
@@ -155,14 +166,48 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 13px; }}
 """
 
 
-def build_report(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_dir: Path) -> str:
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    run = json.loads((train_dir / "run.json").read_text())
-    stats = json.loads((data_dir / "stats.json").read_text())
-    val_coco = json.loads((data_dir / "val.json").read_text())
-    predictions = json.loads((eval_dir / "predictions.json").read_text())
-    history = _read_csv(train_dir / "train_log.csv")
-    trained = config.Config(yaml.safe_load((train_dir / "config.yaml").read_text()))  # the run's own params
+def _inputs(data_dir: Path, train_dir: Path, eval_dir: Path) -> dict:
+    """Every upstream file the page needs, read and checked: a one-line error names the first bad one."""
+    for folder, stage in ((data_dir, "convert"), (train_dir, "train"), (eval_dir, "evaluate")):
+        if not folder.is_dir():
+            raise DetpipeError(f"{folder}: missing; run the {stage} stage first")
+    metrics = read_json_keys(eval_dir / "metrics.json", "evaluation metrics", ("bbox", "num_images", "num_detections"))
+    for t in ("bbox", "segm"):
+        if t in metrics and not (isinstance(metrics[t], dict) and {"mAP", "mAP50", "mAP75"} <= metrics[t].keys()):
+            raise DetpipeError(f"{eval_dir / 'metrics.json'}: evaluation metrics {t} lacks mAP, mAP50 or mAP75")
+    predictions = read_json(eval_dir / "predictions.json", "predictions")
+    if not isinstance(predictions, list):
+        raise DetpipeError(f"{eval_dir / 'predictions.json'}: predictions are not a JSON list")
+    trained = read_yaml_mapping(train_dir / "config.yaml", "training config")
+    return {
+        "metrics": metrics,
+        "run": read_json_keys(train_dir / "run.json", "training run record",
+                              ("run_id", "experiment", "tracking_uri", "git_commit", "data_hash", "device")),
+        "stats": read_json_keys(data_dir / "stats.json", "conversion stats", ("splits",)),
+        "val": read_json_keys(data_dir / "val.json", "COCO file", ("images", "annotations", "categories")),
+        "predictions": predictions,
+        "history": _read_csv(train_dir / "train_log.csv", "training log", ("epoch", "train_loss")),
+        "per_class": _read_csv(eval_dir / "per_class.csv", "per-class AP", ("class",)),
+        "trained": trained,
+        "config_text": (train_dir / "config.yaml").read_text(),
+    }
+
+
+def read_yaml_mapping(path: Path, what: str) -> config.Config:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DetpipeError(f"{path}: {what} is missing") from None
+    except yaml.YAMLError as exc:
+        raise DetpipeError(f"{path}: malformed YAML in {what} ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict) or not {"dataset", "model", "train"} <= data.keys():
+        raise DetpipeError(f"{path}: {what} lacks dataset, model or train")
+    return config.Config(data)
+
+
+def build_report(cfg, inputs: dict, image_root: Path) -> str:
+    metrics, run, stats, history = inputs["metrics"], inputs["run"], inputs["stats"], inputs["history"]
+    trained = inputs["trained"]  # the run's own params
     headline = "".join(
         f'<div class="metric">{t} {k}<b>{metrics[t][k]:.3f}</b></div>'
         for t in ("bbox", "segm") if t in metrics for k in ("mAP", "mAP50", "mAP75"))
@@ -179,14 +224,25 @@ def build_report(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_di
         subtitle=html.escape(f"{model.name} / {model.backbone} on {trained.dataset}, "
                              f"{len(history)} epochs, lr {trained.train.lr}"),
         headline=headline,
-        per_class=_table(_read_csv(eval_dir / "per_class.csv")),
+        per_class=_table(inputs["per_class"]),
         curves=curves(history),
         score_thr=cfg.report.score_thr,
         samples="".join(f'<img alt="sample {i}" src="{u}">' for i, u in enumerate(
-            samples(val_coco, predictions, image_root, cfg.report.num_samples, cfg.report.score_thr))),
+            samples(inputs["val"], inputs["predictions"], image_root, cfg.report.num_samples,
+                    cfg.report.score_thr))),
         dataset=_table(dataset_rows),
         meta=_table(meta_rows),
-        params=html.escape((train_dir / "config.yaml").read_text()),
+        params=html.escape(inputs["config_text"]),
         experiment=html.escape(cfg.experiment),
         runs=earlier_runs_table(cfg.experiment),
     )
+
+
+def run(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_dir: Path, out: Path) -> None:
+    """Write the report of ``train_dir``'s run to ``out`` and attach it to that MLflow run."""
+    data_dir, image_root, train_dir, eval_dir, out = map(Path, (data_dir, image_root, train_dir, eval_dir, out))
+    inputs = _inputs(data_dir, train_dir, eval_dir)
+    mlflow_run = tracking.Run.existing(inputs["run"]["run_id"], train_dir / "run.json")
+    write_text(out, build_report(cfg, inputs, image_root))
+    mlflow_run.log_artifact(out, "report")
+    print(f"report -> {out}", file=sys.stderr)

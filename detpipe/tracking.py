@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from detpipe.errors import DetpipeError
+
 STORE = "mlflow.db"
 ARTIFACTS = "mlruns"
 
@@ -50,6 +52,19 @@ class Run:
     def __init__(self, run_id: str, root: Path = Path(".")):
         self.client = _client(root)
         self.run_id = run_id
+
+    @classmethod
+    def existing(cls, run_id: str, record: Path, root: Path = Path(".")) -> Run:
+        """The run ``record`` (a ``run.json``) names; a one-line error when this store does not hold it."""
+        from mlflow.exceptions import MlflowException
+
+        run = cls(run_id, root)
+        try:
+            run.client.get_run(run_id)
+        except MlflowException:
+            raise DetpipeError(f"{record}: MLflow run {run_id} is not in the store {tracking_uri(root)}; "
+                               "rerun the train stage (or set MLFLOW_TRACKING_URI to the store it used)") from None
+        return run
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str], root: Path = Path(".")) -> Run:

@@ -1,20 +1,21 @@
 """Stage 2: raw dataset -> COCO JSON per split, mmdetection's middle format, and a stats file.
 
-Standalone (no params): python stages/convert.py --format {coco,kitti,via,voc,yolo,...} --src DIR --out DIR
-[--classes a,b] [--val-fraction F --seed N]
+With params: python stages/convert.py --src data/raw --formats workflow/formats --out data/coco
+Standalone:  python stages/convert.py --format {coco,kitti,via,voc,yolo,...} --src DIR --out DIR
+             [--classes a,b] [--val-fraction F --seed N]
 """
 
 from pathlib import Path
 
-from detpipe import cli, config, convert
-from detpipe.errors import DetpipeError
-from detpipe.io import content_hash
+from detpipe import cli, config, convert, formats
 
 
-def run() -> None:
+def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--src", default="data/raw", help="raw dataset folder (default: %(default)s)")
     p.add_argument("--out", default="data/coco", help="output folder (default: %(default)s)")
+    p.add_argument("--formats", default=str(formats.PLUGIN_DIR),
+                   help="folder of the project's own format loaders (default: %(default)s)")
     p.add_argument("--format", help="standalone: raw format (skips params)")
     p.add_argument("--classes", help="standalone: comma-separated class names (default: every class found)")
     p.add_argument("--val-fraction", type=float, default=0.2,
@@ -23,25 +24,18 @@ def run() -> None:
     p.add_argument("--min-box-size", type=float, default=1.0, help="standalone: see convert.min_box_size")
     p.add_argument("--strict", action="store_true", help="standalone: clipped or dropped boxes are errors")
     args = p.parse_args()
-    src = Path(args.src)
-    if not src.is_dir():
-        raise DetpipeError(f"{src}: raw dataset folder does not exist; run the download stage first")
     if args.format:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-        fmt, how = args.format, {"val_fraction": args.val_fraction, "seed": args.seed,
-                                 "min_box_size": args.min_box_size, "strict": args.strict}
-    else:
-        cfg = config.load(args.params, args.overrides)
-        d = cfg.data
-        fmt, classes = d.format, d.classes
-        how = {"splits": d.splits, "options": d.options, "val_fraction": d.val_fraction, "seed": d.split_seed,
-               "min_box_size": cfg.convert.min_box_size, "strict": cfg.convert.strict}
-    stats = convert.convert_dataset(fmt, src, Path(args.out), classes, content_hash=content_hash(src), progress=True,
-                                    **how)
-    for split, s in stats["splits"].items():
-        changed = ", ".join(f"{k} {v}" for k, v in s["boxes_changed"].items() if v) or "none"
-        print(f"{split}: {s['images']} images, {s['objects']} objects, {s['ignored']} ignore regions; {changed}")
+        convert.run(Path(args.src), Path(args.out), fmt=args.format, classes=classes, val_fraction=args.val_fraction,
+                    seed=args.seed, min_box_size=args.min_box_size, strict=args.strict, plugins=Path(args.formats))
+        return
+    cfg = config.load(args.params, args.overrides)
+    d = cfg.data
+    convert.run(Path(args.src), Path(args.out), fmt=d.format, classes=d.classes, splits=d.splits, options=d.options,
+                val_fraction=d.val_fraction, seed=d.split_seed, min_box_size=cfg.convert.min_box_size,
+                strict=cfg.convert.strict, plugins=Path(args.formats),
+                where=f"{config.DATASETS_FILE}: {cfg.dataset}")
 
 
 if __name__ == "__main__":
-    cli.main(run)
+    cli.main(main)

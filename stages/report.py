@@ -1,31 +1,20 @@
-"""Stage 5: one self-contained HTML report of the run (metrics, curves, samples, metadata, earlier runs)."""
+"""Stage 5: one self-contained HTML report of the run (metrics, curves, samples, metadata, earlier runs).
 
-import json
-import sys
+python stages/report.py --data data/coco --images data/raw --model runs/train --eval runs/eval --out reports/index.html
+"""
+
 from pathlib import Path
 
-from detpipe import cli, config
-from detpipe.errors import DetpipeError
+from detpipe import cli, config, report
 
 
-def run() -> None:
-    p = cli.parser(__doc__, "data", "images", "train-dir", "eval-dir")
+def main() -> None:
+    p = cli.parser(__doc__, "data", "images", "model", "eval")
     p.add_argument("--out", default="reports/index.html", help="HTML file to write (default: %(default)s)")
     args = p.parse_args()
     cfg = config.load(args.params, args.overrides)
-    for folder in (args.data, args.train_dir, args.eval_dir):
-        if not Path(folder).is_dir():
-            raise DetpipeError(f"{folder}: missing; run the earlier stages first")
-    from detpipe import tracking
-    from detpipe.io import write_text
-    from detpipe.report import build_report
-
-    page = build_report(cfg, Path(args.data), Path(args.images), Path(args.train_dir), Path(args.eval_dir))
-    write_text(Path(args.out), page)
-    run_id = json.loads((Path(args.train_dir) / "run.json").read_text())["run_id"]
-    tracking.Run(run_id).log_artifact(Path(args.out), "report")
-    print(f"report -> {args.out}", file=sys.stderr)
+    report.run(cfg, Path(args.data), Path(args.images), Path(args.model), Path(args.eval), Path(args.out))
 
 
 if __name__ == "__main__":
-    cli.main(run)
+    cli.main(main)

@@ -62,9 +62,9 @@ def run_stage(name: str, cwd: Path, *args: str, env=None) -> subprocess.Complete
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory) -> Path:
     """A converted tiny synthetic dataset: ``root/raw`` (images) and ``root/coco`` (COCO files)."""
-    from detpipe.convert import convert_dataset
-    from detpipe.formats import synthetic
-    from detpipe.io import content_hash
+    from detpipe import synthetic
+    from detpipe.conversion import convert_dataset
+    from detpipe.files import content_hash
 
     root = tmp_path_factory.mktemp("tiny")
     synthetic.generate(root / "raw", seed=0, **TINY_DATA)

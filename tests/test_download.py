@@ -11,8 +11,8 @@ import zipfile
 
 import pytest
 
-from detpipe import download
-from detpipe.download import extract, fetch, fetch_dataset
+from detpipe import archives
+from detpipe.archives import extract, fetch, fetch_dataset
 from detpipe.errors import DetpipeError
 
 MB = 1 << 20
@@ -206,7 +206,7 @@ def test_server_errors_are_retried_with_exponential_backoff(server, tmp_path, mo
     s = server("error_always")
     s.files["f"] = b"x"
     waits = []
-    monkeypatch.setattr(download.time, "sleep", waits.append)
+    monkeypatch.setattr(archives.time, "sleep", waits.append)
     with pytest.raises(DetpipeError, match=r"/f: download failed after 4 tries \(HTTP 503"):
         fetch(f"{s.url}/f", tmp_path / "f", None, retries=4, backoff=1.5, progress=False)
     assert len(s.requests) == 4 and waits == [1.5, 3, 6]

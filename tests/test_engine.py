@@ -4,7 +4,7 @@ import torch
 from detpipe import engine
 from detpipe.apis import inference_detector, init_detector, show_result
 from detpipe.config import Config
-from detpipe.data import CocoDetection
+from detpipe.datasets import CocoDetection
 from detpipe.models import build_model
 
 TCFG = Config(epochs=1, batch_size=4, lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_iters=2,

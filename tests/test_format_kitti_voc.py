@@ -5,7 +5,7 @@ import json
 import pytest
 from pycocotools.coco import COCO
 
-from detpipe.convert import GEOMETRY, convert_dataset
+from detpipe.conversion import GEOMETRY, convert_dataset
 from detpipe.errors import DetpipeError
 from detpipe.formats import kitti, voc
 from tests.fixtures import make_image

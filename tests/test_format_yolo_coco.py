@@ -5,7 +5,7 @@ import json
 import pytest
 from pycocotools.coco import COCO
 
-from detpipe.convert import convert_dataset
+from detpipe.conversion import convert_dataset
 from detpipe.errors import DetpipeError
 from detpipe.formats import coco, yolo
 from tests.fixtures import make_image

@@ -4,9 +4,10 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detpipe.convert import convert_dataset
+from detpipe.conversion import convert_dataset
 from detpipe.errors import DetpipeError
-from detpipe.formats import middle, polygon_area, synthetic
+from detpipe import synthetic
+from detpipe.formats import middle, polygon_area
 
 
 def test_synthetic_is_seeded(tmp_path):

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from benchmarks.bench_convert import WRITERS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools.coco import COCO
 
-from detpipe.bench_convert import WRITERS
-from detpipe.convert import convert_dataset
+from detpipe.conversion import convert_dataset
 from tests.fixtures import make_image
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]  # valid KITTI types, so one class list suits every format

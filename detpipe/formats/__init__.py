@@ -1,7 +1,7 @@
 """Raw annotation formats: each is a *loader* from a raw folder to mmdetection middle-format records.
 
 A loader is ``load(src, classes, splits, **options)`` and returns either ``{split: [record, ...]}`` or
-one list of records (then :mod:`detpipe.convert` makes a seeded train/val split). A record is
+one list of records (then :mod:`detpipe.conversion` makes a seeded train/val split). A record is
 mmdetection's middle format, as the tutorial's ``KittiTinyDataset.load_annotations`` returns it::
 
     {"filename": "training/image_2/000000.jpeg",      # relative to src
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import importlib.util
 import os
 import shutil
@@ -31,7 +30,6 @@ from PIL import Image
 
 from detpipe.errors import DetpipeError
 
-BUILTIN = ("coco", "kitti", "via", "voc", "yolo")
 PLUGIN_DIR = Path("workflow/formats")
 _LOADERS: dict[str, Callable] = {}
 
@@ -44,11 +42,10 @@ def register(name: str):
     return wrap
 
 
-@functools.cache  # once per process: config validation and the converter both ask
-def _load_plugins() -> None:
-    for name in BUILTIN:
-        importlib.import_module(f"detpipe.formats.{name}")
-    for path in sorted(PLUGIN_DIR.glob("*.py")):
+@functools.cache  # once per process and folder: config checks and the converter may both ask
+def load_plugins(folder: Path = PLUGIN_DIR) -> None:
+    """Import the project's own formats (``folder/*.py``); each registers its loader with :func:`register`."""
+    for path in sorted(Path(folder).glob("*.py")):
         module = f"detpipe_plugin_{path.stem}"
         spec = importlib.util.spec_from_file_location(module, path)
         try:
@@ -57,13 +54,13 @@ def _load_plugins() -> None:
             raise DetpipeError(f"{path}: cannot import format plugin ({type(exc).__name__}: {exc})") from None
 
 
-def names() -> list[str]:
-    _load_plugins()
+def names(plugins: Path = PLUGIN_DIR) -> list[str]:
+    load_plugins(Path(plugins))
     return sorted(_LOADERS)
 
 
-def loader(name: str) -> Callable:
-    known = names()
+def loader(name: str, plugins: Path = PLUGIN_DIR) -> Callable:
+    known = names(plugins)
     if name not in known:
         hint = difflib.get_close_matches(name, known, n=1)
         tip = f"did you mean {hint[0]}? " if hint else ""
@@ -133,3 +130,7 @@ def place_image(source: Path, dest: Path) -> None:
         os.link(source, dest)
     except OSError:
         shutil.copyfile(source, dest)
+
+
+# The built-in loaders register themselves on import; they need the helpers above, so they come last.
+from detpipe.formats import coco, kitti, via, voc, yolo  # noqa: E402, F401

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 from detpipe.errors import DetpipeError
+from detpipe.files import read_json
 from detpipe.formats import ClassList, image_size, place_image, polygon_area, register
-from detpipe.io import read_json
 
 DEFAULT_SPLITS = {"train": "annotations/instances_train2017.json", "val": "annotations/instances_val2017.json"}
 

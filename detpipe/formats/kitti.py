@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, listing
 from detpipe.formats import ClassList, place_image, register
-from detpipe.io import listing
 
 TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc")
 DONTCARE = "DontCare"

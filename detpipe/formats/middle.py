@@ -2,7 +2,7 @@
 
 Boxes are ``x1, y1, x2, y2``; labels are 0-based indices into the category list (mmdetection's
 convention), whereas COCO category ids start at 1. Ignore regions go to ``*_ignore``; an ignore label of
--1 ignores every class (KITTI's DontCare). :mod:`detpipe.convert` writes ``<split>_middle.json``.
+-1 ignores every class (KITTI's DontCare). :mod:`detpipe.conversion` writes ``<split>_middle.json``.
 """
 
 from __future__ import annotations

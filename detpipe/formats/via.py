@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 from detpipe.errors import DetpipeError
+from detpipe.files import read_json
 from detpipe.formats import ClassList, place_image, register
-from detpipe.io import read_json
 
 ANNOTATION_FILE = "via_region_data.json"
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, listing
 from detpipe.formats import ClassList, image_size, place_image, register
-from detpipe.io import listing
 
 LISTS = "ImageSets/Main"
 DEFAULT_SPLITS = {"train": "train", "val": "val"}

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, listing
 from detpipe.formats import ClassList, image_size, place_image, register
-from detpipe.io import listing
 
 DATA_FILES = ("data.yaml", "dataset.yaml")
 DEFAULT_SPLITS = {"train": "train", "val": "val"}

@@ -3,16 +3,15 @@ import glob
 
 from detpipe.pipeline import PLUGINS, STAGES, param_values
 
-LIBRARY = sorted(glob.glob("detpipe/**/*.py", recursive=True))
-
 
 def stage_input(name):
-    """The stage's script, every library file (a library edit reruns the stage) and its data inputs.
+    """The stage's code (script and the library modules it loads) and its data, by name.
 
     The format-plugin folder counts by its Python files (DVC hashes the folder, minus .dvcignore).
     """
-    deps = [d for dep in STAGES[name].deps for d in (sorted(glob.glob(f"{PLUGINS}/*.py")) if dep == PLUGINS else [dep])]
-    return [STAGES[name].script, *LIBRARY, *deps]
+    stage = STAGES[name]
+    data = [f for dep in stage.deps for f in (sorted(glob.glob(f"{PLUGINS}/*.py")) if dep == PLUGINS else [dep])]
+    return {"code": stage.code, "data": data}
 
 
 def stage_output(name):
@@ -23,3 +22,8 @@ def stage_output(name):
 def stage_params(name):
     """Passed through `params:` so a changed value reruns the rule (a value read elsewhere would not)."""
     return lambda wildcards: param_values(name)
+
+
+def stage_shell(name):
+    """The stage's command, exactly as in dvc.yaml; its output also goes to the rule's log."""
+    return STAGES[name].cmd + " 2>&1 | tee {log}"

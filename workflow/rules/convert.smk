@@ -1,5 +1,7 @@
 rule convert:
-    input: stage_input("convert")
+    input: **stage_input("convert")
     output: stage_output("convert")
     params: values=stage_params("convert")
-    shell: STAGES["convert"].cmd
+    log: STAGES["convert"].log
+    conda: "../envs/detpipe.yaml"
+    shell: stage_shell("convert")

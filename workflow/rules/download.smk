@@ -1,5 +1,7 @@
 rule download:
-    input: stage_input("download")
+    input: **stage_input("download")
     output: stage_output("download")
     params: values=stage_params("download")
-    shell: STAGES["download"].cmd
+    log: STAGES["download"].log
+    conda: "../envs/detpipe.yaml"
+    shell: stage_shell("download")

@@ -1,5 +1,7 @@
 rule evaluate:
-    input: stage_input("evaluate")
+    input: **stage_input("evaluate")
     output: stage_output("evaluate")
     params: values=stage_params("evaluate")
-    shell: STAGES["evaluate"].cmd
+    log: STAGES["evaluate"].log
+    conda: "../envs/detpipe.yaml"
+    shell: stage_shell("evaluate")

@@ -1,5 +1,7 @@
 rule report:
-    input: stage_input("report")
+    input: **stage_input("report")
     output: stage_output("report")
     params: values=stage_params("report")
-    shell: STAGES["report"].cmd
+    log: STAGES["report"].log
+    conda: "../envs/detpipe.yaml"
+    shell: stage_shell("report")

@@ -1,5 +1,7 @@
 rule train:
-    input: stage_input("train")
+    input: **stage_input("train")
     output: stage_output("train")
     params: values=stage_params("train")
-    shell: STAGES["train"].cmd
+    log: STAGES["train"].log
+    conda: "../envs/detpipe.yaml"
+    shell: stage_shell("train")

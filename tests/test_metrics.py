@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from detpipe.evaluation import coco_evaluate
+from detpipe.metrics import coco_evaluate
 
 
 def test_perfect_predictions_score_one(tiny_coco):

@@ -1,6 +1,6 @@
 """Benchmark the default pipeline: wall time and peak memory of each stage, and the metrics reached.
 
-    python -m detpipe.bench --json docs/bench_default.json
+    python -m benchmarks.bench_default --json docs/bench_default.json
 
 Runs the five stage scripts in order on the current params inside a scratch copy of the project (so
 the workspace and its MLflow store are untouched), prints a table and writes the figures as JSON.

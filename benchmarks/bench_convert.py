@@ -1,10 +1,10 @@
 """Benchmark conversion: a generated dataset written in every format, converted, images/s printed.
 
-    python -m detpipe.bench_convert --images 10000 --json docs/bench_convert.json
+    python -m benchmarks.bench_convert --images 10000 --json docs/bench_convert.json
 
 Per format, its writer lays out 10,000 records with images the size and type that format's best-known
 dataset has (hard links of 16 distinct photo-like files, so disk use stays small), and
-:func:`detpipe.convert.convert_dataset` converts them, timed. The baseline converts the same folder
+:func:`detpipe.conversion.convert_dataset` converts them, timed. The baseline converts the same folder
 again with every image size taken from a full decode, as the tutorial's ``mmcv.imread(...).shape``
 does; the ratio is what header-only reads buy. The size reading alone is timed both ways too.
 """
@@ -24,7 +24,7 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
-from detpipe import convert
+from detpipe import conversion as convert
 from detpipe.formats import coco, kitti, via, voc, yolo
 
 WRITERS = {"coco": coco.write, "kitti": kitti.write, "via": via.write, "voc": voc.write, "yolo": yolo.write}
