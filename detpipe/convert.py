@@ -6,7 +6,6 @@ the checks, clipping and output are :mod:`detpipe.conversion`'s.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from detpipe import formats
@@ -31,6 +30,5 @@ def run(src: Path, out: Path, *, fmt: str, classes: list[str] | None, splits: di
                             content_hash=content_hash(src), progress=True, plugins=Path(plugins))
     for split, s in stats["splits"].items():
         changed = ", ".join(f"{k} {v}" for k, v in s["boxes_changed"].items() if v) or "none"
-        print(f"{split}: {s['images']} images, {s['objects']} objects, {s['ignored']} ignore regions; {changed}",
-              file=sys.stderr)
+        print(f"{split}: {s['images']} images, {s['objects']} objects, {s['ignored']} ignore regions; {changed}")
     return stats

@@ -48,7 +48,7 @@ def run(entry: dict, out: Path, *, cache: Path, max_unpacked_gb: float, max_rati
         archives = [dict(a) for a in entry["archives"]]
         marker = read_marker(out) if out.is_dir() else None
         if marker is not None and marker.get("source") == archives:
-            print(f"{out}: already downloaded and verified", file=sys.stderr)
+            print(f"{out}: already downloaded and verified")
             return
         with atomic_dir(out) as tmp:
             fetch_dataset(archives, tmp, cache=Path(cache), max_bytes=int(max_unpacked_gb * GB), max_ratio=max_ratio,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 
 import numpy as np
@@ -16,7 +17,7 @@ def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox") -> d
 
     With no detections at all pycocotools cannot build its results object, so every metric is 0.
     """
-    from pycocotools.coco import COCO
+    from pycocotools.coco import COCO  # heavy: imported when scoring, not when the module loads
     from pycocotools.cocoeval import COCOeval
 
     names = {c["id"]: c["name"] for c in gt["categories"]}
@@ -24,6 +25,7 @@ def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox") -> d
         present = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd")}
         per_class = {n: dict.fromkeys(("AP", "AP50"), 0.0 if cid in present else None) for cid, n in names.items()}
         return {"stats": dict.fromkeys(STAT_NAMES, 0.0), "per_class": per_class}
+    gt, detections = copy.deepcopy(gt), copy.deepcopy(detections)  # pycocotools writes fields into both
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt

@@ -3,11 +3,14 @@
 import hashlib
 import http.server
 import io
+import random
 import stat
+import struct
 import tarfile
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -127,8 +130,9 @@ def get(tmp_path, url, digest, **kw):
 
 
 def leftovers(tmp_path) -> list[str]:
-    """Temporary unpack folders (``.out.unpack-*``) still beside ``out``."""
-    return [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    """Temporary unpack folders (``.unpack-*`` inside ``out``, or anything hidden beside it) left behind."""
+    out = tmp_path / "out"
+    return [p.name for p in [*tmp_path.iterdir(), *(out.iterdir() if out.is_dir() else [])] if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz", "zip"])
@@ -307,7 +311,7 @@ def test_missing_subdir_is_named(tmp_path):
     (lambda: zip_bytes({"d/a": b"x"}, {"d/l": "../../etc/passwd"}), "link to '../../etc/passwd' outside"),
     (lambda: tar_bytes({"d/a": b"x"}, extra=[link("d/dev", "", tarfile.CHRTYPE)]), "device file or FIFO 'd/dev'"),
     (lambda: tar_bytes({"d/a": b"x"}, extra=[link("d/fifo", "", tarfile.FIFOTYPE)]), "device file or FIFO"),
-    (lambda: tar_bytes({"d/a": b"x" * (MB + 1)}), r"unpacks to 1.0 MB, over the 1.0 MB limit"),
+    (lambda: tar_bytes({"d/a": b"x" * (MB + 1)}), r"unpacks to at least 1.0 MB, over the 1.0 MB limit"),
     (lambda: zip_bytes({"d/a": b"x" * MB, "d/b": b"x"}), r"unpacks to 1.0 MB, over the 1.0 MB limit"),
     (lambda: b"not an archive at all", "not a zip or tar archive"),
 ])
@@ -345,3 +349,143 @@ def test_corrupt_archive_leaves_nothing_half_unpacked(tmp_path, name, damage):
     with pytest.raises(DetpipeError, match=f"{name}: unpacking failed, damaged archive"):
         get(tmp_path, str(tmp_path / name), sha(data))
     assert list((tmp_path / "out").iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def zip_deflated(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+ZEROS = bytes(64 * MB)  # deflates about 1000 times
+
+
+@pytest.mark.parametrize("name, build, message", [
+    ("bomb.zip", lambda: zip_deflated({"d/readme.txt": b"hi", "d/zeros.bin": ZEROS}),
+     r"bomb.zip: refusing member 'd/zeros.bin': unpacks to 64.0 MB from 6\d.\d KB \(10\d\d×\), "
+     r"over download.max_ratio 200$"),
+    ("bomb.tgz", lambda: tar_bytes({"d/readme.txt": b"hi", "d/zeros.bin": ZEROS}),
+     r"bomb.tgz: refusing archive \(largest member 'd/zeros.bin', 64.0 MB\): unpacks to at least 64.0 MB from "
+     r"6\d.\d KB \(10\d\d×\), over download.max_ratio 200$"),
+    ("many.tar.xz", lambda: tar_bytes({f"d/{i}.bin": bytes(MB // 2) for i in range(48)}, "w:xz"),
+     r"many.tar.xz: refusing archive \(largest member 'd/0.bin', 512.0 KB\): unpacks to at least"),
+])
+def test_bombs_are_refused_before_anything_is_written(tmp_path, name, build, message):
+    data = build()
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DetpipeError, match=message) as err:
+        extract(tmp_path / name, tmp_path / "direct", max_bytes=1 << 40)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "direct").exists()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(DetpipeError, match=message):
+        fetch_dataset([{"url": str(tmp_path / name), "sha256": sha(data)}], dest, cache=tmp_path / "cache",
+                      max_bytes=1 << 40, progress=False)  # the default max_ratio: 200
+    assert list(dest.iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def test_tar_bomb_stops_reading_at_the_first_header_over_the_limit(tmp_path, monkeypatch):
+    """256 members of 256 KiB zeros (64 MiB): refused once the running total passes 200 × the archive size
+    (about 50 members in), without reading the rest of the stream."""
+    (tmp_path / "many.tgz").write_bytes(tar_bytes({f"d/{i}.bin": bytes(MB // 4) for i in range(256)}))
+    seen = []
+    real_next = tarfile.TarFile.next
+    monkeypatch.setattr(tarfile.TarFile, "next", lambda self: seen.append(1) or real_next(self))
+    with pytest.raises(DetpipeError, match=r"unpacks to at least \d+\.\d MB from .*over download.max_ratio 200"):
+        extract(tmp_path / "many.tgz", tmp_path / "x", max_bytes=1 << 40)
+    assert len(seen) < 100 and not (tmp_path / "x").exists()
+
+
+def realistic(seed: int = 0) -> dict[str, bytes]:
+    """Images (incompressible, as JPEG data is), annotations (text that compresses well, but small)."""
+    rng = random.Random(seed)
+    files = {f"set/images/{i}.jpg": b"\xff\xd8\xff\xe0" + rng.randbytes(300_000) for i in range(4)}
+    files["set/annotations.json"] = b'{"box": [0, 0, 10, 10], "label": "balloon"}, ' * 20_000  # ~900 KB
+    files["set/empty.txt"] = b""
+    return files
+
+
+@pytest.mark.parametrize("mode", ["zip", "w:gz", "w:bz2", "w:xz"])
+def test_realistic_archives_extract_under_the_default_ratio(tmp_path, mode):
+    files = realistic()
+    data = zip_deflated(files) if mode == "zip" else tar_bytes(files, mode)
+    (tmp_path / "set").write_bytes(data)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    fetch_dataset([{"url": str(tmp_path / "set"), "sha256": sha(data), "subdir": "set"}], dest,
+                  cache=tmp_path / "cache", max_bytes=64 * MB, progress=False)
+    assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == {
+        name.removeprefix("set/"): body for name, body in files.items()}
+    assert leftovers(tmp_path) == []
+
+
+def test_max_ratio_is_respected_just_above_and_below(tmp_path):
+    rng = random.Random(1)
+    body = rng.randbytes(100_000) + bytes(3 * MB)  # a member with a ratio of a few tens
+    (tmp_path / "a.zip").write_bytes(zip_deflated({"d/mixed.bin": body}))
+    (info,) = zipfile.ZipFile(tmp_path / "a.zip").infolist()
+    member_ratio = info.file_size / info.compress_size
+    assert 10 < member_ratio < 200
+    with pytest.raises(DetpipeError, match=r"refusing member 'd/mixed.bin': .*over download.max_ratio"):
+        extract(tmp_path / "a.zip", tmp_path / "no", max_bytes=1 << 40, max_ratio=member_ratio * 0.99)
+    assert not (tmp_path / "no").exists()
+    extract(tmp_path / "a.zip", tmp_path / "yes", max_bytes=1 << 40, max_ratio=member_ratio * 1.01)
+    assert (tmp_path / "yes/d/mixed.bin").read_bytes() == body
+
+    (tmp_path / "a.tgz").write_bytes(tar_bytes({"d/mixed.bin": body, "d/b.txt": b"x"}))
+    ratio = (len(body) + 1) / (tmp_path / "a.tgz").stat().st_size
+    with pytest.raises(DetpipeError, match=r"refusing archive \(largest member 'd/mixed.bin', 3.1 MB\)"):
+        fetch_dataset([{"url": str(tmp_path / "a.tgz"), "sha256": sha((tmp_path / "a.tgz").read_bytes())}],
+                      tmp_path / "out", cache=tmp_path / "cache", max_bytes=1 << 40, max_ratio=ratio * 0.99,
+                      progress=False)
+    assert list((tmp_path / "out").iterdir()) == [] and leftovers(tmp_path) == []
+    extract(tmp_path / "a.tgz", tmp_path / "tyes", max_bytes=1 << 40, max_ratio=ratio * 1.01)
+    assert (tmp_path / "tyes/d/mixed.bin").read_bytes() == body
+
+
+def test_small_members_with_odd_ratios_are_not_refused(tmp_path):
+    """Below 1 MiB unpacked neither a member nor a whole archive is held to the ratio."""
+    (tmp_path / "a.zip").write_bytes(zip_deflated({"a.txt": bytes(MB - 1)}))
+    extract(tmp_path / "a.zip", tmp_path / "x", max_bytes=1 << 40, max_ratio=2)
+    assert (tmp_path / "x/a.txt").stat().st_size == MB - 1
+
+
+def test_zip_header_that_understates_the_size_ends_in_one_line_and_nothing_kept(tmp_path):
+    """The headers say 1000 bytes (no ratio to refuse), the data inflates to 2 MiB: zipfile stops at 1000 bytes
+    and fails the CRC; the error names the archive and member, and the partial output goes."""
+    data = bytearray(zip_deflated({"d/ok.txt": b"fine", "d/zeros.bin": bytes(2 * MB)}))
+    for sig, at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local header and central directory
+        pos = data.rindex(sig)  # the second member's
+        assert struct.unpack_from("<I", data, pos + at)[0] == 2 * MB
+        struct.pack_into("<I", data, pos + at, 1000)
+    (tmp_path / "liar.zip").write_bytes(bytes(data))
+    with pytest.raises(DetpipeError, match=r"liar.zip: unpacking failed, damaged archive\? "
+                                           r"\(Bad CRC-32 for file 'd/zeros.bin'\)$") as err:
+        get(tmp_path, str(tmp_path / "liar.zip"), sha(bytes(data)))
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "out").iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def test_unpack_folder_is_inside_dest_and_gone_afterwards(tmp_path, monkeypatch):
+    """A killed run leaves the unpack folder inside dest (the caller's temporary folder), never beside it."""
+    made = []
+    real = archives.tempfile.mkdtemp
+
+    def mkdtemp(**kw):
+        made.append(real(**kw))
+        return made[-1]
+    monkeypatch.setattr(archives.tempfile, "mkdtemp", mkdtemp)
+    (tmp_path / "a.zip").write_bytes(zip_bytes({"top.txt": b"t", "d/a.txt": b"a"}))
+    (tmp_path / "b.tgz").write_bytes(tar_bytes({"d/b.txt": b"b"}))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    fetch_dataset([{"url": str(tmp_path / n), "sha256": sha((tmp_path / n).read_bytes()), "subdir": ""}
+                   for n in ("a.zip", "b.tgz")], dest, cache=tmp_path / "cache", max_bytes=MB, progress=False)
+    assert [Path(m).parent for m in made] == [dest, dest]
+    assert all(Path(m).name.startswith(".unpack-") for m in made)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "d", "d/a.txt", "d/b.txt", "top.txt"]
+    assert leftovers(tmp_path) == []

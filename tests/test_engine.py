@@ -3,12 +3,11 @@ import torch
 
 from detpipe import engine
 from detpipe.apis import inference_detector, init_detector, show_result
-from detpipe.config import Config
 from detpipe.datasets import CocoDetection
 from detpipe.models import build_model
+from detpipe.transforms import RandomHorizontalFlip, train_transforms
 
-TCFG = Config(epochs=1, batch_size=4, lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_iters=2,
-              lr_schedule="cosine", hflip=0.5, amp=False, num_workers=0, log_interval=100)
+CPU = torch.device("cpu")
 
 
 def tiny_model(name="fcos"):
@@ -17,13 +16,22 @@ def tiny_model(name="fcos"):
 
 
 def train_once(tiny_coco, out, name="fcos"):
+    """One epoch the way the train stage composes the engine: loader, optimizer and schedule built apart."""
     masks = name == "maskrcnn"
-    tr = CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw", masks)
+    tr = CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw", masks, transforms=train_transforms(0.5, 1))
     va = CocoDetection(tiny_coco / "coco/val.json", tiny_coco / "raw", masks)
     out.mkdir()
     model = tiny_model(name)
-    history = engine.train(model, tr, va, TCFG, device=torch.device("cpu"), seed=0, out_dir=out, log=lambda m: None)
-    return model, history
+    loader = engine.train_loader(tr, 4, 0, engine.seed_everything(0), CPU)
+    optimizer = engine.build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scheduler = engine.build_scheduler(optimizer, len(loader), 2, "cosine")
+    with open(out / "iter_log.csv", "w") as iter_log:
+        iter_log.write("epoch,iter,lr,loss\n")
+        row = engine.train_one_epoch(model, optimizer, scheduler, loader, CPU, 1, iter_log=iter_log,
+                                     log=lambda m: None)
+    _, evals = engine.evaluate(model, va, CPU, batch_size=4)
+    row.update({f"val_{t}_mAP50": r["stats"]["mAP50"] for t, r in evals.items()})
+    return model, [row]
 
 
 def test_training_is_seeded_and_logs(tiny_coco, tmp_path):
@@ -32,16 +40,28 @@ def test_training_is_seeded_and_logs(tiny_coco, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train_img_per_s"} for r in rows]
     assert strip(first) == strip(second)
     row = first[0]
-    assert {"epoch", "lr", "train_loss", "val_bbox_mAP", "val_bbox_mAP50"} <= set(row)
+    assert {"epoch", "lr", "train_loss", "train_img_per_s", "val_bbox_mAP50"} <= set(row)
     lines = (tmp_path / "a/iter_log.csv").read_text().splitlines()
     assert lines[0] == "epoch,iter,lr,loss" and len(lines) == 1 + 2  # 8 images / batch 4
-    ckpt = torch.load(tmp_path / "a/last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
+    # warm-up over 2 iterations: after step 1 the factor is 0.001 + 0.999 / 2; after step 2 warm-up is done
+    assert [line.split(",")[:3] for line in lines[1:]] == [["1", "1", "0.005005"], ["1", "2", "0.01"]]
+    assert row["epoch"] == 1 and row["lr"] == pytest.approx(0.01)
+
+
+def test_non_finite_loss_stops_before_the_step(tiny_coco, tmp_path):
+    tr = CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw")
+    model = tiny_model()
+    loader = engine.train_loader(tr, 4, 0, engine.seed_everything(0), CPU)
+    optimizer = engine.build_optimizer(model, lr=1e30, momentum=0.9, weight_decay=0.0)
+    scheduler = engine.build_scheduler(optimizer, 10 * len(loader), 0, "constant")
+    with pytest.raises(engine.NonFiniteLoss, match=r"loss is (nan|inf|-inf) at iteration \d+ \(epoch \d+\)"):
+        for epoch in range(1, 11):
+            engine.train_one_epoch(model, optimizer, scheduler, loader, CPU, epoch, log=lambda m: None)
 
 
 def test_mask_model_trains_and_scores_segm(tiny_coco, tmp_path):
     _, history = train_once(tiny_coco, tmp_path / "m", name="maskrcnn")
-    assert "val_segm_mAP" in history[0]
+    assert "val_segm_mAP50" in history[0]
 
 
 def test_lr_schedule():
@@ -52,12 +72,26 @@ def test_lr_schedule():
     assert engine.lr_factor(50, 100, 10, "constant") == 1.0
 
 
-def test_hflip_moves_boxes():
-    image = torch.zeros(3, 10, 20)
-    target = {"boxes": torch.tensor([[2.0, 1.0, 5.0, 4.0]])}
-    gen = torch.Generator().manual_seed(0)
-    [flipped], [t] = engine._hflip([image], [target], gen, 1.0)
+def test_hflip_moves_boxes_and_masks():
+    image = torch.zeros(3, 10, 20, dtype=torch.uint8)
+    image[:, 1, 2] = 255
+    mask = torch.zeros(1, 10, 20, dtype=torch.uint8)
+    mask[0, 1, 2] = 1
+    target = {"boxes": torch.tensor([[2.0, 1.0, 5.0, 4.0]]), "masks": mask}
+    flipped, t = RandomHorizontalFlip(1.0, seed=0)(image, target)
     assert t["boxes"].tolist() == [[15.0, 1.0, 18.0, 4.0]]
+    assert flipped[0, 1, 17] == 255 and t["masks"][0, 1, 17] == 1
+    assert target["boxes"].tolist() == [[2.0, 1.0, 5.0, 4.0]]  # the dataset's own target is not changed
+
+
+def test_hflip_is_seeded_and_draws_nothing_at_zero():
+    image, target = torch.zeros(3, 4, 6, dtype=torch.uint8), {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]])}
+    flips = lambda t: [t(image, target)[1]["boxes"][0, 0].item() != 0.0 for _ in range(32)]
+    assert flips(RandomHorizontalFlip(0.5, seed=3)) == flips(RandomHorizontalFlip(0.5, seed=3))
+    assert 0 < sum(flips(RandomHorizontalFlip(0.5, seed=3))) < 32
+    off = RandomHorizontalFlip(0.0, seed=3)
+    before = off.generator.get_state()
+    assert not any(flips(off)) and torch.equal(off.generator.get_state(), before)
 
 
 def test_tutorial_apis(tiny_coco, tmp_path):

@@ -7,7 +7,7 @@ from pycocotools.coco import COCO
 
 from detpipe.conversion import GEOMETRY, convert_dataset
 from detpipe.errors import DetpipeError
-from detpipe.formats import kitti, voc
+from detpipe.formats import ClassList, kitti, voc
 from tests.fixtures import make_image
 
 NO_CHANGES = dict.fromkeys(GEOMETRY, 0)
@@ -383,3 +383,134 @@ def test_voc_writer_round_trip(tmp_path):
         {"filename": "JPEGImages/b.png", "width": 20, "height": 16,
          "ann": {"bboxes": [], "labels": [], "bboxes_ignore": [], "labels_ignore": []}}]
     assert stats["splits"]["train"]["boxes_changed"] == {**NO_CHANGES, "ignored_difficult": 1}
+
+
+# ------------------------------------------------------------------------------------ VOC layouts found
+
+
+def voc_flat(root, annotations, images, stems=("a", "b", "c", "d")):
+    """One image and XML per stem, one object each (classes alternate): XMLs in ``annotations``, images in
+    ``images`` (``.``: ``root`` itself)."""
+    for i, stem in enumerate(stems):
+        make_image(root / images / f"{stem}.jpg", 32, 24, seed=i)
+        put(root / annotations / f"{stem}.xml", voc_xml(f"{stem}.jpg", (32, 24), VOC_CLASSES[i % 2], (2, 3, 20, 21)))
+    return root
+
+
+@pytest.mark.parametrize("annotations, images", [("annotations", "images"), ("Annotations", "Images"),
+                                                 ("labels", "JPEGImages"), ("XML", "imgs"), (".", ".")])
+def test_voc_flat_layouts_are_found_and_split_with_a_seed(tmp_path, annotations, images):
+    src = voc_flat(tmp_path / "raw", annotations, images)
+    stats = convert_dataset("voc", src, tmp_path / "out", VOC_CLASSES, val_fraction=0.5, seed=0)
+    prefix = "" if images == "." else f"{images}/"
+    records = by_file(tmp_path / "out", "train", "val")
+    assert sorted(records) == [f"{prefix}{s}.jpg" for s in "abcd"]
+    assert records[f"{prefix}b.jpg"]["ann"] == {"bboxes": [[1, 2, 20, 21]], "labels": [1],
+                                                "bboxes_ignore": [], "labels_ignore": []}
+    assert stats["splits"]["train"]["images"] == stats["splits"]["val"]["images"] == 2
+
+
+def test_voc_flat_layout_with_split_lists(tmp_path):
+    src = voc_flat(tmp_path / "raw", "annotations", "images")
+    put(src / "ImageSets/Main/train.txt", "a\nb\nc\n")
+    put(src / "ImageSets/Main/val.txt", "d\n")
+    convert_dataset("voc", src, tmp_path / "out", VOC_CLASSES)
+    assert sorted(by_file(tmp_path / "out", "train")) == ["images/a.jpg", "images/b.jpg", "images/c.jpg"]
+    assert sorted(by_file(tmp_path / "out", "val")) == ["images/d.jpg"]
+
+
+@pytest.mark.parametrize("annotations, images", [(".", "."), ("annotations", "images")])
+def test_voc_split_folders_roboflow_style(tmp_path, annotations, images):
+    """Roboflow's VOC export: ``train/``, ``valid/``, ``test/``, each with its images and XMLs; ``valid`` is val."""
+    src = tmp_path / "raw"
+    put(src / "README.roboflow.txt", "exported\n")
+    for folder, stems in (("train", "abc"), ("valid", "d"), ("test", "e")):
+        voc_flat(src / folder, annotations, images, stems=tuple(f"{folder}_{s}" for s in stems))
+    stats = convert_dataset("voc", src, tmp_path / "out", VOC_CLASSES)
+    assert list(stats["splits"]) == ["train", "val", "test"]
+    inner = "" if images == "." else f"{images}/"
+    assert sorted(by_file(tmp_path / "out", "val")) == [f"valid/{inner}valid_d.jpg"]
+    assert sorted(by_file(tmp_path / "out", "train")) == [f"train/{inner}train_{s}.jpg" for s in "abc"]
+    assert sorted(by_file(tmp_path / "out", "test")) == [f"test/{inner}test_e.jpg"]
+
+
+def test_voc_split_folders_chosen_with_splits(tmp_path):
+    src = tmp_path / "raw"
+    for folder in ("train", "test"):
+        voc_flat(src / folder, ".", ".", stems=(f"{folder}_a", f"{folder}_b"))
+    stats = convert_dataset("voc", src, tmp_path / "out", VOC_CLASSES, splits={"train": "train", "val": "test"})
+    assert sorted(by_file(tmp_path / "out", "val")) == ["test/test_a.jpg", "test/test_b.jpg"]
+    assert list(stats["splits"]) == ["train", "val"]
+    with pytest.raises(DetpipeError) as err:
+        convert_dataset("voc", src, tmp_path / "out2", VOC_CLASSES, splits={"train": "train", "val": "valid"})
+    assert str(err.value) == (f"{src}/valid: split folder is missing or holds no Pascal VOC annotations "
+                              "(split folders here: test, train)")
+
+
+def test_voc_train_folder_without_val_is_split_with_a_seed(tmp_path):
+    """``train/`` and ``test/`` but no ``val/``: train is split with the seed, test (and its classes) left out."""
+    src = voc_flat(tmp_path / "raw" / "train", ".", ".").parent
+    put(src / "test/t.xml", voc_xml("t.jpg", (32, 24), "horse", (2, 3, 20, 21)))
+    make_image(src / "test/t.jpg", 32, 24)
+    stats = convert_dataset("voc", src, tmp_path / "out", None, val_fraction=0.25, seed=0)
+    assert (stats["splits"]["train"]["images"], stats["splits"]["val"]["images"]) == (3, 1)
+    assert sorted(by_file(tmp_path / "out", "train", "val")) == [f"train/{s}.jpg" for s in "abcd"]
+    assert stats["classes"] == ["cat", "dog"]
+
+
+def test_voc_image_found_by_name_then_by_stem(tmp_path):
+    """``<filename>`` as written, a Windows path's last part, or, when nothing has that name, the stem."""
+    src = tmp_path / "raw"
+    sizes = {"images/a.jpg": (32, 24), "images/b.png": (30, 20), "images/c.jpg": (20, 16),
+             "annotations/d.jpg": (16, 12)}
+    for name, size in sizes.items():
+        make_image(src / name, *size)
+    put(src / "annotations/a.xml", voc_xml(r"C:\Users\me\labelImg\a.jpg", (32, 24), "cat", (1, 1, 9, 9)))
+    put(src / "annotations/b.xml", voc_xml("b.jpg", (30, 20), "cat", (1, 1, 9, 9)))  # converted to PNG since
+    put(src / "annotations/c.xml", voc_xml(None, (20, 16), "dog", (1, 1, 9, 9)))  # no <filename>
+    put(src / "annotations/d.xml", voc_xml("d.jpg", (16, 12), "dog", (1, 1, 9, 9)))  # beside its XML
+    convert_dataset("voc", src, tmp_path / "out", VOC_CLASSES, val_fraction=0.25)
+    assert sorted(by_file(tmp_path / "out", "train", "val")) == sorted(sizes)
+
+
+def test_voc_missing_image_in_a_flat_layout_is_named(tmp_path):
+    src = voc_flat(tmp_path / "raw", "annotations", "images")
+    (src / "images/c.jpg").unlink()
+    with pytest.raises(DetpipeError) as err:
+        convert_dataset("voc", src, tmp_path / "out", VOC_CLASSES)
+    assert str(err.value) == f"{src}: labels refer to 1 missing image(s): images/c.jpg"
+
+
+def yolo_labels_folder(root):
+    make_image(root / "images/a.jpg", 32, 24)
+    put(root / "labels/a.txt", "0 0.5 0.5 0.2 0.2\n")
+
+
+def images_only(root):
+    make_image(root / "a.jpg", 32, 24)
+    make_image(root / "train/b.jpg", 32, 24)
+
+
+@pytest.mark.parametrize("build", [yolo_labels_folder, images_only])
+def test_voc_no_layout_names_what_was_looked_for(tmp_path, build):
+    src = tmp_path / "raw"
+    build(src)
+    with pytest.raises(DetpipeError) as err:
+        convert_dataset("voc", src, tmp_path / "out", VOC_CLASSES)
+    assert str(err.value) == (f"{src}: no Pascal VOC annotations found; looked for Annotations/ with JPEGImages/, "
+                              "annotations/ with images/, *.xml beside images, train/ val/ valid/ test/ split folders")
+    assert not (tmp_path / "out").exists()
+
+
+def test_voc_writer_output_moved_into_a_flat_layout(tmp_path):
+    """The devkit the writer makes, renamed as many sets ship it (lower case, no lists), reads the same."""
+    a = make_image(tmp_path / "src/a.jpg", 40, 30)
+    records = {"train": [{"filename": "a.jpg", "ann": {"bboxes": [[0, 0, 20, 25]], "labels": [1]}}]}
+    voc.write(tmp_path / "raw", records, VOC_CLASSES, lambda rec: a)
+    (tmp_path / "raw/Annotations").rename(tmp_path / "raw/annotations")
+    (tmp_path / "raw/JPEGImages").rename(tmp_path / "raw/images")
+    (tmp_path / "raw/ImageSets/Main/train.txt").unlink()
+    loaded = voc.load(tmp_path / "raw", ClassList(VOC_CLASSES), {})
+    assert loaded == [{"filename": "images/a.jpg", "width": 40, "height": 30,
+                       "ann": {"bboxes": [[0, 0, 20, 25]], "labels": [1], "bboxes_ignore": [], "labels_ignore": [],
+                               "attributes": [{}]}, "events": {}}]

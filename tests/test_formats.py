@@ -4,9 +4,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from detpipe import synthetic
 from detpipe.conversion import convert_dataset
 from detpipe.errors import DetpipeError
-from detpipe import synthetic
 from detpipe.formats import middle, polygon_area
 
 

@@ -1,8 +1,12 @@
+import contextlib
+import copy
+import io
 import json
 
+import numpy as np
 import pytest
 
-from detpipe.metrics import coco_evaluate
+from detpipe.metrics import STAT_NAMES, coco_evaluate
 
 
 def test_perfect_predictions_score_one(tiny_coco):
@@ -35,3 +39,179 @@ def test_class_without_ground_truth_has_no_ap(tiny_coco):
     assert coco_evaluate(gt, [])["per_class"]["unicorn"] == {"AP": None, "AP50": None}
     first = gt["categories"][0]["name"]
     assert coco_evaluate(gt, [])["per_class"][first] == {"AP": 0.0, "AP50": 0.0}
+
+
+# ---- hand-computed cases on small COCO dicts ----------------------------------------------------------------------
+# COCO's rules used below (pycocotools.cocoeval): IoU thresholds .50:.05:.95 (10), recall points 0:.01:1 (101); a
+# detection matches a ground truth at threshold t when IoU >= t; precision is made monotone (the max precision at any
+# recall >= r) and read at each recall point, with 0 past the highest recall reached; AP = mean over the 101 points
+# (and over IoU thresholds for mAP); -1 means "no ground truth", which detpipe maps to 0 in "stats" (max(v, 0)) and to
+# None in "per_class". Precision is tp / (tp + fp + eps), so a perfect AP comes out as 0.9999999999999999: use approx.
+# Area ranges use the ground truth's "area" field: small < 32² = 1024 <= medium < 96² = 9216 <= large.
+
+
+def _ann(ann_id, image_id, category_id, bbox, iscrowd=0):
+    # ids start at 1: pycocotools counts a match to a ground truth whose id is 0 as no match (dtm holds the id)
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+            "area": bbox[2] * bbox[3], "iscrowd": iscrowd}
+
+
+def _gt(annotations, categories=("cat",), num_images=1):
+    return {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480}
+                       for i in range(1, num_images + 1)],
+            "annotations": annotations,
+            "categories": [{"id": k, "name": n, "supercategory": "object"} for k, n in enumerate(categories, 1)]}
+
+
+def _det(image_id, category_id, bbox, score):
+    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+
+
+def _pycocotools_stats(gt, detections):
+    """COCOeval's 12 summary numbers, run directly (on copies: loadRes and COCOeval add keys to the dicts)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(v) for v in ev.stats]
+
+
+def test_one_box_at_iou_0_626_passes_three_of_ten_thresholds():
+    # GT [0,0,100,100] (xywh), detection shifted right by 23: [23,0,100,100].
+    # intersection = (100-23)*100 = 7700; union = 10000+10000-7700 = 12300; IoU = 7700/12300 = 77/123 ≈ 0.626.
+    # 0.626 >= .50, .55, .60 but < .65: matched at 3 of the 10 thresholds -> AP 1 there (one TP, recall 1,
+    # precision 1 at every recall point), AP 0 at the other 7 (the lone detection is a FP, recall 0).
+    # mAP = 3/10 = 0.3; AP50 = 1; AP75 = 0. Recall is 1 at 3 thresholds, 0 at 7 -> AR1 = AR10 = AR100 = 0.3.
+    # GT area 10000 >= 9216 -> large: mAP_large = AR_large = 0.3; no small/medium GT -> -1 -> 0.
+    gt = _gt([_ann(1, 1, 1, [0, 0, 100, 100])])
+    result = coco_evaluate(gt, [_det(1, 1, [23, 0, 100, 100], 0.9)])
+    stats = result["stats"]
+    assert stats["mAP"] == pytest.approx(0.3)
+    assert stats["mAP50"] == pytest.approx(1.0)
+    assert stats["mAP75"] == 0.0
+    assert stats["mAP_large"] == pytest.approx(0.3)
+    assert stats["mAP_small"] == stats["mAP_medium"] == 0.0
+    assert stats["AR100"] == pytest.approx(0.3)
+    # per class: AP over all thresholds, AP50 from the IoU=.50 row only (index 0, not 5 = .75 which gives 0)
+    assert result["per_class"]["cat"]["AP"] == pytest.approx(0.3)
+    assert result["per_class"]["cat"]["AP50"] == pytest.approx(1.0)
+    # IoU 0.6129 (shift 24) and 0.6393 (shift 22) give the same: the thresholds, not the exact IoU, decide
+    assert coco_evaluate(gt, [_det(1, 1, [24, 0, 100, 100], 0.9)])["stats"]["mAP"] == pytest.approx(0.3)
+    # shift 18: IoU 82/118 ≈ 0.695 -> also passes .65 -> 4/10
+    assert coco_evaluate(gt, [_det(1, 1, [18, 0, 100, 100], 0.9)])["stats"]["mAP"] == pytest.approx(0.4)
+
+
+def test_false_positive_scored_above_the_true_positive_halves_ap():
+    # One GT [100,100,50,50] (area 2500: medium). Detections, by score: FP 0.9 at [300,300,50,50] (no overlap, same
+    # image, same size), then TP 0.8 exactly on the GT (IoU 1, so the same at every threshold).
+    # Ranked: FP, TP -> cumulative tp = [0,1], fp = [1,1]; recall = [0, 1]; precision = [0, 0.5].
+    # Monotone envelope (max precision at recall >= r): [0.5, 0.5]. Read at the 101 recall points: r = 0 -> first
+    # recall >= 0 is index 0 -> 0.5; r in (0,1] -> index 1 -> 0.5. AP = 101*0.5/101 = 0.5 at every IoU threshold.
+    # So mAP = mAP50 = mAP75 = AP = AP50 = 0.5 (pycocotools agrees; without the envelope r = 0 would read 0).
+    # maxDets is per image and class: AR1 keeps only the top-scored detection, the FP -> AR1 = 0; AR10 = AR100 = 1.
+    gt = _gt([_ann(1, 1, 1, [100, 100, 50, 50])])
+    dets = [_det(1, 1, [300, 300, 50, 50], 0.9), _det(1, 1, [100, 100, 50, 50], 0.8)]
+    result = coco_evaluate(gt, dets)
+    stats = result["stats"]
+    assert result["per_class"]["cat"] == {"AP": pytest.approx(0.5), "AP50": pytest.approx(0.5)}
+    assert stats["mAP"] == stats["mAP50"] == stats["mAP75"] == pytest.approx(0.5)
+    assert stats["mAP_medium"] == pytest.approx(0.5)
+    assert stats["mAP_small"] == stats["mAP_large"] == 0.0  # no small/large GT: -1 -> 0
+    assert stats["AR1"] == 0.0
+    assert stats["AR10"] == stats["AR100"] == stats["AR_medium"] == pytest.approx(1.0)
+    # the same two detections with the scores swapped: TP first -> precision [1, 0.5] at recall [1, 1] -> AP 1
+    swapped = [{**dets[0], "score": 0.8}, {**dets[1], "score": 0.9}]
+    assert coco_evaluate(gt, swapped)["per_class"]["cat"]["AP"] == pytest.approx(1.0)
+
+
+def test_crowd_only_class_has_no_ap_and_crowd_detections_are_not_false_positives():
+    # "crowd" has only an iscrowd=1 region [10,10,200,200]: every GT of the class is ignored, so it has no ground
+    # truth (npig = 0) -> precision stays -1 -> per-class AP None, and the class is left out of the means.
+    # Its detection [20,20,50,50] lies inside the region: for a crowd GT IoU = intersection / detection area
+    # = 2500/2500 = 1 -> matched to an ignored GT -> ignored, not a FP.
+    # "dog": one GT [300,300,50,50] detected exactly (score 0.7), plus a crowd region [400,50,200,200] with a
+    # higher-scored dog detection (0.95) inside it, which is ignored too -> dog ranking is just the TP -> AP 1.
+    # mAP = mean over classes with GT = dog's 1.0 (area medium: 2500). (A *dog* detection on the "crowd" region
+    # would be a dog FP: crowd regions only excuse detections of their own class.)
+    gt = _gt([_ann(1, 1, 1, [10, 10, 200, 200], iscrowd=1), _ann(2, 1, 2, [300, 300, 50, 50]),
+              _ann(3, 1, 2, [400, 50, 200, 200], iscrowd=1)], categories=("crowd", "dog"))
+    dets = [_det(1, 1, [20, 20, 50, 50], 0.9), _det(1, 2, [450, 100, 60, 60], 0.95),
+            _det(1, 2, [300, 300, 50, 50], 0.7)]
+    result = coco_evaluate(gt, dets)
+    assert result["per_class"]["crowd"] == {"AP": None, "AP50": None}
+    assert result["per_class"]["dog"] == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
+    assert result["stats"]["mAP"] == pytest.approx(1.0)
+    assert result["stats"]["AR100"] == pytest.approx(1.0)
+    # without any detection at all, detpipe's shortcut gives the same None for the crowd-only class
+    assert coco_evaluate(gt, [])["per_class"]["crowd"] == {"AP": None, "AP50": None}
+    # control: the 0.95 detection outside the dog crowd region is a FP ranked first -> dog AP 0.5 (as above)
+    moved = [dets[0], _det(1, 2, [100, 300, 60, 60], 0.95), dets[2]]
+    assert coco_evaluate(gt, moved)["stats"]["mAP"] == pytest.approx(0.5)
+
+
+def test_small_object_missed_large_object_found():
+    # small GT [10,10,20,20] (area 400 < 1024), large GT [100,100,120,120] (area 14400 >= 9216); one detection,
+    # exactly on the large one.
+    # all areas: 2 GT, 1 TP -> recall 0.5, precision 1. Recall points 0, .01, ..., .50 (51 of 101) read 1, the
+    # 50 above 0.5 read 0 -> AP = 51/101 ≈ 0.50495 (not 0.5) at every threshold -> mAP = mAP50 = 51/101.
+    # large: the small GT is outside the range (ignored) -> 1 GT, 1 TP -> mAP_large = 1, AR_large = 1.
+    # small: 1 GT, and the detection matches the (ignored there) large GT -> ignored -> no detections; the class
+    # has GT in this range, so pycocotools reports a real 0, not -1: mAP_small = 0, AR_small = 0.
+    # medium: no GT -> pycocotools -1 -> detpipe 0.0 (max(v, 0)).
+    # AR100 = recall 0.5 at every threshold = 0.5.
+    gt = _gt([_ann(1, 1, 1, [10, 10, 20, 20]), _ann(2, 1, 1, [100, 100, 120, 120])])
+    dets = [_det(1, 1, [100, 100, 120, 120], 0.9)]
+    stats = coco_evaluate(gt, dets)["stats"]
+    raw = dict(zip(STAT_NAMES, _pycocotools_stats(gt, dets)))
+    assert stats["mAP"] == stats["mAP50"] == pytest.approx(51 / 101)
+    assert stats["mAP_large"] == pytest.approx(1.0)
+    assert stats["AR_large"] == pytest.approx(1.0)
+    assert stats["AR100"] == pytest.approx(0.5)
+    assert raw["mAP_small"] == 0.0 and stats["mAP_small"] == 0.0
+    assert raw["AR_small"] == 0.0 and stats["AR_small"] == 0.0
+    assert raw["mAP_medium"] == -1.0 and stats["mAP_medium"] == 0.0  # -1 (no GT) is reported as 0.0
+    assert raw["AR_medium"] == -1.0 and stats["AR_medium"] == 0.0
+
+
+def _random_coco(seed):
+    """~20 images, 3 classes, some crowd regions; detections: jittered GT copies, misses, and random FPs."""
+    rng = np.random.default_rng(seed)
+    images, annotations, dets = [], [], []
+    for image_id in range(1, 21):
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 640, "height": 480})
+        crowded = image_id <= 3  # over 10 objects: AR10 and AR100 differ
+        for _ in range(rng.integers(16, 21) if crowded else rng.integers(0, 6)):
+            w, h = (float(v) for v in rng.uniform(8, 200, 2))  # small, medium and large areas
+            x, y = float(rng.uniform(0, 640 - w)), float(rng.uniform(0, 480 - h))
+            cat, crowd = 1 if crowded else int(rng.integers(1, 4)), int(rng.random() < 0.15)
+            annotations.append(_ann(len(annotations) + 1, image_id, cat, [x, y, w, h], iscrowd=crowd))
+            if rng.random() < 0.8:  # found, with a jitter of up to a tenth of the size
+                jx, jy, jw, jh = rng.uniform(-0.1, 0.1, 4) * [w, h, w, h]
+                dets.append(_det(image_id, cat, [x + jx, y + jy, w + jw, h + jh], float(rng.random())))
+        for _ in range(rng.integers(0, 3)):  # false positives anywhere
+            w, h = (float(v) for v in rng.uniform(8, 200, 2))
+            dets.append(_det(image_id, int(rng.integers(1, 4)),
+                             [float(rng.uniform(0, 640 - w)), float(rng.uniform(0, 480 - h)), w, h],
+                             float(rng.random())))
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": k, "name": f"class{k}", "supercategory": "object"} for k in (1, 2, 3)]}
+    return gt, dets
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stats_equal_pycocotools_run_directly(seed):
+    gt, dets = _random_coco(seed)
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    expected = [max(v, 0.0) for v in _pycocotools_stats(gt, dets)]
+    result = coco_evaluate(copy.deepcopy(gt), copy.deepcopy(dets))
+    assert list(result["stats"]) == list(STAT_NAMES)
+    assert [result["stats"][k] for k in STAT_NAMES] == expected
+    # the data must tell the stats apart, or a swapped order would pass unnoticed
+    assert len({round(v, 9) for v in expected}) == 12

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from benchmarks.bench_convert import WRITERS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools.coco import COCO
 
+from benchmarks.bench_convert import WRITERS
 from detpipe.conversion import convert_dataset
 from tests.fixtures import make_image
 
