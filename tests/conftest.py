@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "experiment": "tiny",
+    "device": "cpu",  # a GPU runner must not change the exact comparisons
     "model.fpn_channels": 64,
     "model.min_size": 64,
     "model.max_size": 64,
@@ -80,3 +82,33 @@ def copy_repo(dest: Path) -> Path:
     for name in ("Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy(ROOT / name, dest / name)
     return dest
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def sh(cwd, *cmd, check=True, stdout_only=False, env=None):
+    env = {**os.environ, **GIT_ENV, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout if stdout_only else result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory):
+    """A fresh copy of the repo (tiny params, 2 epochs, git-committed) where ``snakemake --cores 1 report`` ran once.
+
+    Returns ``(repo, run)``: ``run`` holds what that run wrote (metrics, MLflow run id), read before any test can
+    change the folder.
+    """
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
+    write_tiny_params(repo, **{"train.epochs": 2})
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny")
+    sh(repo, "snakemake", "--cores", "1", "report")
+    run = {"metrics": json.loads((repo / "runs/eval/metrics.json").read_text()),
+           "run_id": json.loads((repo / "runs/train/run.json").read_text())["run_id"]}
+    return repo, run

@@ -1,5 +1,6 @@
 """The MLflow UI, as a user sees it in a browser, lists the pipeline's run with its params and metrics."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,7 +12,6 @@ import urllib.request
 import pytest
 
 from tests.conftest import BIN
-from tests.test_e2e import repo  # noqa: F401  (the e2e fixture: a tiny repo the pipeline has run in)
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,10 +39,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_ui(repo):  # noqa: F811
-    if not (repo / "mlflow.db").exists():
-        subprocess.run([BIN / "snakemake", "--cores", "1", "report"], cwd=repo, check=True, capture_output=True,
-                       env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+def mlflow_ui(pipeline_repo):
+    repo, _ = pipeline_repo
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([BIN / "mlflow", "ui", "--backend-store-uri", f"sqlite:///{repo}/mlflow.db",
@@ -75,10 +73,8 @@ def render(chromium: str, url: str, tmp_path) -> str:
     return out.stdout
 
 
-def test_mlflow_ui_shows_the_run(chromium, mlflow_ui, repo, tmp_path):  # noqa: F811
-    import json
-
-    run = json.loads((repo / "runs/train/run.json").read_text())
+def test_mlflow_ui_shows_the_run(chromium, mlflow_ui, pipeline_repo, tmp_path):
+    _, run = pipeline_repo
     req = urllib.request.Request(f"{mlflow_ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")
     experiment_id = json.loads(urllib.request.urlopen(req).read())["experiment"]["experiment_id"]
     runs_page = render(chromium, f"{mlflow_ui}/#/experiments/{experiment_id}/runs", tmp_path)
