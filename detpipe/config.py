@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import operator
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,9 @@ def apply_override(data: dict, override: str) -> None:
         raise DetpipeError(f"--set {key}: value {raw!r} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(value: Any, spec: Key, name: str, where: str) -> Any:
     """The value, converted where the schema allows (an integer for a float key); else a one-line error."""
     kind = spec.kind
@@ -166,6 +170,8 @@ def _check_value(value: Any, spec: Key, name: str, where: str) -> Any:
         if value not in kind:
             raise DetpipeError(f"{where}: {name} is {value!r}; choose one of {', '.join(map(str, kind))}")
         return value
+    if kind is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; people write it for learning rates
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
             noun = "an integer" if kind is int else "a number"

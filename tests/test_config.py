@@ -76,3 +76,10 @@ def test_every_key_is_documented():
     for schema in (config.SCHEMA, config.DATASET_SCHEMA, config.ARCHIVE_SCHEMA, *config.SOURCE_SCHEMA.values()):
         for key in config.flatten(schema):
             assert f"`{key}`" in doc, key
+
+
+def test_exponent_without_a_dot_is_a_number_for_float_keys(tiny_params):
+    cfg = config.load(tiny_params, ["train.lr=1e-3", "train.weight_decay=5E-4"])
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
+    with pytest.raises(DetpipeError, match="train.epochs must be an integer, got '1e2'"):
+        config.load(tiny_params, ["train.epochs=1e2"])

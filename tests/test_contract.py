@@ -1,0 +1,149 @@
+"""The bad-input contract at the stage level: one line, exit status 2, nothing half-written, no MLflow clutter."""
+
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_stage, write_tiny_params
+from tests.test_stages import assert_one_line_error
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) with its hash: equal snapshots mean nothing was touched."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+def mlflow_runs(cwd: Path) -> list[tuple[str, str]]:
+    if not (cwd / "mlflow.db").exists():
+        return []
+    with sqlite3.connect(cwd / "mlflow.db") as db:
+        return db.execute("select run_uuid, status from runs").fetchall()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A tiny project where download and convert have run: train could start from here."""
+    cwd = tmp_path_factory.mktemp("converted")
+    write_tiny_params(cwd)
+    for stage in ("download", "convert"):
+        result = run_stage(stage, cwd)
+        assert result.returncode == 0, result.stderr
+    return cwd
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("train.lr=[0.1", ("--set train.lr", "not valid YAML")),
+    ("train.batch_size=0", ("train.batch_size must be at least 1, got 0",)),
+    ("train.epochs=0", ("train.epochs must be at least 1, got 0",)),
+    ("train.lr=-0.5", ("train.lr must be more than 0, got -0.5",)),
+    ("train.lr=fast", ("train.lr must be a number, got 'fast'",)),
+    ("train.lr=.nan", ("train.lr must be a finite number",)),
+    ("train.hflip=1.5", ("train.hflip must be at most 1, got 1.5",)),
+    ("train.epochs=2.5", ("train.epochs must be an integer, got 2.5",)),
+    ("threads=-1", ("threads must be at least 0, got -1",)),
+    ("model.max_size=32", ("model.max_size (32) is less than model.min_size (64)",)),
+])
+def test_bad_params_end_before_an_mlflow_run_is_opened(converted, override, fragments):
+    result = run_stage("train", converted, "--set", override)
+    assert_one_line_error(result, "params/detpipe.yaml" if "YAML" not in fragments[-1] else "", *fragments)
+    assert mlflow_runs(converted) == [] and not (converted / "runs").exists()
+
+
+def test_bad_params_are_refused_by_every_stage(converted):
+    for stage in ("download", "convert", "evaluate", "report"):
+        assert_one_line_error(run_stage(stage, converted, "--set", "evaluate.batch_size=0"),
+                              "evaluate.batch_size must be at least 1")
+
+
+def test_non_finite_loss_names_the_iteration_and_leaves_no_output(converted, tmp_path):
+    cwd = tmp_path / "nan"
+    shutil.copytree(converted, cwd)
+    result = run_stage("train", cwd, "--set", "train.lr=1e30", "--set", "train.epochs=5")
+    assert_one_line_error(result, "train: loss is", "at iteration", "try a lower train.lr")
+    assert not (cwd / "runs/train").exists() and not list((cwd / "runs").glob(".*"))
+    assert [status for _, status in mlflow_runs(cwd)] == ["FAILED"]  # the run that did start says it failed
+
+
+def test_a_killed_download_leaves_nothing_a_rerun_trips_over(tmp_path):
+    """SIGKILL mid-stage: the temporary folder stays (nothing can remove it), and the next run clears it."""
+    cwd = tmp_path
+    params = write_tiny_params(cwd)
+    registry = params.parent / "datasets.yaml"
+    registry.write_text(registry.read_text().replace("num_train: 8", "num_train: 4000"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/download.py")], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((cwd / "data").glob(".raw.*.tmp/train/*.jpg")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((cwd / "data").glob(".raw.*.tmp")), "the stage was killed before it made its temporary folder"
+    registry.write_text(registry.read_text().replace("num_train: 4000", "num_train: 8"))
+    result = run_stage("download", cwd)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (cwd / "data").iterdir()) == ["raw"]
+    assert len(list((cwd / "data/raw/train").glob("*.jpg"))) == 8
+
+
+@pytest.fixture(scope="module")
+def trained(converted, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("trained") / "p"
+    shutil.copytree(converted, cwd)
+    for stage in ("train", "evaluate", "report"):
+        result = run_stage(stage, cwd)
+        assert result.returncode == 0, result.stderr
+    return cwd
+
+
+def corrupt_model(cwd):
+    data = (cwd / "runs/train/model.pt").read_bytes()
+    (cwd / "runs/train/model.pt").write_bytes(data[: len(data) // 2])
+
+
+CASES = {
+    "run.json malformed": (lambda cwd: (cwd / "runs/train/run.json").write_text("{\"run_id\": "),
+                           "runs/train/run.json:1: malformed JSON in training run record"),
+    "run.json without run_id": (lambda cwd: (cwd / "runs/train/run.json").write_text("{}"),
+                                "runs/train/run.json: training run record has no key 'run_id'"),
+    "model.pt corrupt": (corrupt_model, "runs/train/model.pt: not a readable detpipe checkpoint"),
+    "model.pt missing": (lambda cwd: (cwd / "runs/train/model.pt").unlink(),
+                         "runs/train/model.pt: checkpoint is missing"),
+    "store without the run": (lambda cwd: (cwd / "mlflow.db").unlink(), "is not in the store"),
+    "metrics.json malformed": (lambda cwd: (cwd / "runs/eval/metrics.json").write_text("[1, 2"),
+                               "runs/eval/metrics.json:1: malformed JSON in evaluation metrics"),
+    "predictions.json missing": (lambda cwd: (cwd / "runs/eval/predictions.json").unlink(),
+                                 "runs/eval/predictions.json: predictions is missing"),
+    "train_log.csv missing": (lambda cwd: (cwd / "runs/train/train_log.csv").unlink(),
+                              "runs/train/train_log.csv: training log is missing"),
+    "config.yaml malformed": (lambda cwd: (cwd / "runs/train/config.yaml").write_text("model: [fcos\n"),
+                              "runs/train/config.yaml: malformed YAML in training config"),
+}
+EVALUATE_CASES = ["run.json malformed", "run.json without run_id", "model.pt corrupt", "model.pt missing",
+                  "store without the run"]
+REPORT_CASES = ["run.json malformed", "run.json without run_id", "store without the run", "metrics.json malformed",
+                "predictions.json missing", "train_log.csv missing", "config.yaml malformed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, case", [("evaluate", c) for c in EVALUATE_CASES] +
+                         [("report", c) for c in REPORT_CASES])
+def test_bad_upstream_files_leave_earlier_outputs_untouched(trained, tmp_path, stage, case):
+    cwd = tmp_path / "p"
+    shutil.copytree(trained, cwd)
+    damage, message = CASES[case]
+    damage(cwd)
+    before = {"runs/eval": snapshot(cwd / "runs/eval"), "reports": snapshot(cwd / "reports")}
+    runs_before = mlflow_runs(cwd)
+    assert_one_line_error(run_stage(stage, cwd), message)
+    assert {"runs/eval": snapshot(cwd / "runs/eval"), "reports": snapshot(cwd / "reports")} == before
+    assert mlflow_runs(cwd) == runs_before
