@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 from detpipe.errors import DetpipeError
 
@@ -76,8 +77,6 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
 
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model saved by the train stage; returns ``(model, meta)`` with class names and ids."""
-    from pathlib import Path
-
     import torch
 
     path = Path(path)

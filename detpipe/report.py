@@ -6,6 +6,7 @@ atomically and then attached to the training run in MLflow.
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from detpipe import config, tracking
 from detpipe.errors import DetpipeError
@@ -22,8 +24,6 @@ from detpipe.visualize import data_uri, draw
 
 
 def _figure_uri(fig) -> str:
-    import base64
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -81,8 +81,6 @@ def curves(history: list[dict]) -> str:
 
 def samples(val_coco: dict, predictions: list[dict], image_root: Path, count: int, score_thr: float) -> list[str]:
     """Data URIs of side-by-side pictures: ground truth (left) and predictions (right)."""
-    from PIL import Image
-
     cats = [c["id"] for c in val_coco["categories"]]
     names = [c["name"] for c in val_coco["categories"]]
     index = {cid: i for i, cid in enumerate(cats)}

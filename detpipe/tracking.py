@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,6 @@ def tracking_uri(root: Path = Path(".")) -> str:
 
 
 def _client(root: Path = Path(".")):
-    import logging
-
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
@@ -80,8 +80,6 @@ class Run:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

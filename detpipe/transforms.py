@@ -7,6 +7,9 @@ augmentation. With DataLoader workers, :func:`seed_worker` gives each worker its
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 
@@ -65,10 +68,6 @@ def seed_worker(worker_id: int) -> None:
 
     Derived from the worker's torch seed, which the DataLoader draws from its seeded generator per epoch.
     """
-    import random
-
-    import numpy as np
-
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32
     random.seed(seed)

@@ -113,3 +113,19 @@ def test_param_values_select_keys():
 def test_snakemake_lint_is_clean():
     out = subprocess.run([BIN / "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "Congratulations" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+HEAVY = {"torch", "torchvision", "pycocotools", "matplotlib", "mlflow"}
+
+
+def test_function_local_imports_are_only_for_heavy_libraries():
+    """Deferred imports keep --help and Snakemake's DAG quick; anything light is imported at the top."""
+    local = []
+    for path in LIBRARY:
+        for fn in ast.walk(ast.parse((ROOT / path).read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                    local += [(path, n) for n in names if n.split(".")[0] not in HEAVY]
+    assert local == []
