@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -29,8 +30,16 @@ def parser(description: str, *inputs: str) -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # so that temporary outputs are removed on the way out, as for Ctrl-C
+
+
 def main(fn: Callable[[], None]) -> None:
-    """Run a stage; a user error becomes ``error: <one line>`` on stderr and exit status 2."""
+    """Run a stage; a user error becomes ``error: <one line>`` on stderr and exit status 2.
+
+    SIGTERM (what Snakemake and DVC send to a cancelled job) unwinds like Ctrl-C: no temporary output stays.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         fn()
     except DetpipeError as exc:

@@ -111,6 +111,9 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
         run.end("FAILED")
         raise DetpipeError(f"train: {exc}; try a lower train.lr (now {t.lr:g}) or more train.warmup_iters, "
                            "and check the data's boxes") from None
+    except KeyboardInterrupt:
+        run.end("KILLED")
+        raise
     except BaseException:
         run.end("FAILED")
         raise

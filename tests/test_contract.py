@@ -147,3 +147,20 @@ def test_bad_upstream_files_leave_earlier_outputs_untouched(trained, tmp_path, s
     assert_one_line_error(run_stage(stage, cwd), message)
     assert {"runs/eval": snapshot(cwd / "runs/eval"), "reports": snapshot(cwd / "reports")} == before
     assert mlflow_runs(cwd) == runs_before
+
+
+def test_a_terminated_train_removes_its_temporary_output_and_marks_the_run_killed(converted, tmp_path):
+    """SIGTERM, as a cancelled Snakemake or DVC job gets, unwinds like Ctrl-C."""
+    cwd = tmp_path / "term"
+    shutil.copytree(converted, cwd)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/train.py"), "--set", "train.epochs=50"], cwd=cwd,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((cwd / "runs").glob(".train.*.tmp/iter_log.csv")) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted; no output was written"
+    assert not (cwd / "runs").exists() or list((cwd / "runs").iterdir()) == []
+    assert [status for _, status in mlflow_runs(cwd)] == ["KILLED"]
