@@ -93,7 +93,7 @@ def to_device(images, targets, device: torch.device):
 
 def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, epoch: int, *, amp: bool = False,
                     clip_norm: float = 10.0, first_iter: int = 0, total_iters: int | None = None,
-                    log_interval: int = 20, iter_log=None, started: float | None = None,
+                    log_interval: int = 20, iter_log=None,
                     log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """One pass over ``loader``; returns the epoch's log row (mean of each loss, last lr, images per second).
 
@@ -104,7 +104,6 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
     params = [p for group in optimizer.param_groups for p in group["params"]]
     use_amp = amp and device.type == "cuda"
     total = total_iters or first_iter + len(loader)
-    started = started or time.time()
     sums, seen, it, epoch_start = defaultdict(float), 0, first_iter, time.time()
     for images, targets in loader:
         images, targets = to_device(list(images), list(targets), device)
@@ -127,7 +126,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
         if iter_log is not None:
             iter_log.write(f"{epoch},{it},{lr:.6g},{loss.item():.5f}\n")
         if it % log_interval == 0 or it == total:
-            eta = (time.time() - started) / (it - first_iter) * (total - it)
+            eta = (time.time() - epoch_start) / (it - first_iter) * (total - it)  # at this epoch's pace
             log(f"epoch {epoch} iter {it}/{total} loss {loss.item():.3f} lr {lr:.4g} eta {eta:.0f}s")
     if iter_log is not None:
         iter_log.flush()

@@ -79,14 +79,13 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
         with atomic_dir(out) as tmp:
             write_text(tmp / "config.yaml", config.dump(cfg))
             run.log_artifact(tmp / "config.yaml")
-            started = time.time()
             with open(tmp / "iter_log.csv", "w") as iter_log:
                 iter_log.write("epoch,iter,lr,loss\n")
                 for epoch in range(1, t.epochs + 1):
                     row = engine.train_one_epoch(
                         model, optimizer, scheduler, loader, device, epoch, amp=t.amp,
                         first_iter=(epoch - 1) * len(loader), total_iters=total, log_interval=t.log_interval,
-                        iter_log=iter_log, started=started)
+                        iter_log=iter_log)
                     _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size)
                     for iou_type, result in evals.items():
                         row[f"val_{iou_type}_mAP"] = result["stats"]["mAP"]
