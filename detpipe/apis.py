@@ -1,15 +1,25 @@
-"""The mmdetection tutorial's three calls on torchvision detectors.
+"""The mmdetection tutorial's three calls on torchvision detectors, plus its asynchronous interface.
 
     model = init_detector("params/detpipe.yaml", "runs/train/model.pt", device="cpu")
     result = inference_detector(model, "demo.jpg")
     show_result("demo.jpg", result, score_thr=0.3, out_file="out.jpg")
 
-``result`` has mmdetection 2.x's shape: one ``(n, 5)`` array ``[x1, y1, x2, y2, score]`` per class,
-or ``(bbox_result, segm_result)`` for mask models; it also carries ``class_names``.
+``result`` has mmdetection 2.x's shape, so tutorial code that indexes it keeps working:
+
+* ``result[k]``: a float32 ``(n, 5)`` array ``[x1, y1, x2, y2, score]`` per class ``k`` (class order of
+  the checkpoint; ``n`` may be 0), boxes in the input image's pixels;
+* ``result.class_names``: the names of those classes;
+* ``result.masks``: for mask models, per class a list of ``HxW`` bool arrays, one per row of ``result[k]``;
+  ``None`` for box-only models.
+
+A list of images gives a list of results, computed in one forward pass. ``await async_inference_detector(model,
+imgs)`` runs the same inference in a worker thread, so an event loop (a web server) stays responsive.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +32,10 @@ from detpipe.images import read_rgb
 from detpipe.models import build_model, load_checkpoint
 from detpipe.visualize import draw
 
+MODEL_KEYS = ("name", "backbone", "min_size", "max_size", "fpn_channels")
+# Passed on to build_model when a config's model section has them (post-processing and weights params)
+OPTIONAL_MODEL_KEYS = ("score_thresh", "nms_thresh", "detections_per_img", "weights")
+
 
 class DetResult(list):
     """Per-class ``(n, 5)`` box arrays (a list, as in mmdetection) that also knows its class names."""
@@ -32,28 +46,70 @@ class DetResult(list):
         self.masks = masks  # per class: list of HxW bool arrays, or None for box-only models
 
 
-def init_detector(config=None, checkpoint=None, device: str = "cpu"):
+def resolve_device(device):
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or a ``torch.device``; CUDA that is absent is a user error."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DetpipeError(f"device: {device!r} requested but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DetpipeError(f"device: unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def _model_spec(config) -> tuple[dict, list[str], str]:
+    """The model section, class names and a name for errors, from a params file, a run's ``config.yaml`` or a dict.
+
+    A run's ``runs/train/config.yaml`` is the resolved params with the dataset entry under ``data``: it is read as
+    it is (the params file it came from and its dataset registry may have changed since).
+    """
+    if isinstance(config, dict):
+        data, where = config_mod.dict_of(config), "config"
+    else:
+        where = str(config)
+        data = config_mod.read_yaml(Path(config))
+        if not (isinstance(data, dict) and isinstance(data.get("data"), dict)):
+            data = config_mod.dict_of(config_mod.load(Path(config)))  # a params file: validated, dataset looked up
+    model = data.get("model")
+    for key in MODEL_KEYS:
+        if not isinstance(model, dict) or key not in model:
+            raise DetpipeError(f"{where}: missing key model.{key}")
+    classes = (data.get("data") or {}).get("classes")
+    if not classes:
+        raise DetpipeError(f"{where}: data.classes is empty (the classes come from the data); "
+                           "pass the run's checkpoint, which holds them")
+    return model, list(classes), where
+
+
+def init_detector(config=None, checkpoint=None, device="cpu"):
     """Build a detector from a params file (or a run's ``config.yaml``) and/or a train-stage checkpoint.
 
     With a checkpoint, the architecture and classes stored in it are used; ``config`` may then be None.
-    Without one, the model named in ``config`` is built untrained for the classes of its dataset.
+    Without one, the model named in ``config`` is built for the classes of its dataset: untrained, or with the
+    weights its model section names.
     """
-    import torch  # heavy: imported when a model is built, so importing the API stays quick
-
+    dev = resolve_device(device)
     if checkpoint is not None:
-        model, meta = load_checkpoint(checkpoint, device)
+        model, meta = load_checkpoint(checkpoint, str(dev))
     else:
         if config is None:
             raise DetpipeError("init_detector: give a config, a checkpoint, or both")
-        cfg = config if isinstance(config, dict) else config_mod.load(Path(config))
-        cfg = config_mod.Config(cfg)
-        classes = list(cfg.data.classes)
-        m = cfg.model
-        model = build_model(m.name, m.backbone, len(classes) + 1, min_size=m.min_size, max_size=m.max_size,
-                            fpn_channels=m.fpn_channels).to(device).eval()
-        meta = {"model": config_mod.dict_of(m), "classes": classes, "cat_ids": list(range(1, len(classes) + 1))}
+        m, classes, where = _model_spec(config)
+        extra = {k: m[k] for k in OPTIONAL_MODEL_KEYS if k in m}
+        try:
+            model = build_model(m["name"], m["backbone"], len(classes) + 1, min_size=m["min_size"],
+                                max_size=m["max_size"], fpn_channels=m["fpn_channels"], **extra).to(dev).eval()
+        except DetpipeError as exc:
+            raise DetpipeError(f"{where}: {exc}") from None
+        meta = {"model": m, "classes": classes, "cat_ids": list(range(1, len(classes) + 1))}
     model.meta = meta
-    model.device = torch.device(device)
+    model.device = dev
+    model.lock = threading.Lock()  # one inference at a time per model (see async_inference_detector)
     return model
 
 
@@ -66,14 +122,19 @@ def _as_pil(img) -> Image.Image:
 
 
 def inference_detector(model, imgs):
-    """Detect objects in one image or a list (paths, PIL images or RGB arrays); a list gives a list back."""
+    """Detect objects in one image or a list (paths, PIL images or RGB arrays); a list gives a list back.
+
+    A list runs as one batch (one forward pass); images of different sizes may be mixed.
+    """
     import torch
 
     single = not isinstance(imgs, (list, tuple))
     images = [_as_pil(i) for i in ([imgs] if single else imgs)]
+    if not images:
+        return []
     tensors = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div(255).to(model.device)
                for im in images]
-    with torch.no_grad():
+    with torch.no_grad():  # grad mode is per thread: this holds in async_inference_detector's worker too
         outputs = model.eval()(tensors)
     names = model.meta["classes"]
     results = []
@@ -91,8 +152,26 @@ def inference_detector(model, imgs):
     return results[0] if single else results
 
 
+_FALLBACK_LOCK = threading.Lock()  # for models not made by init_detector
+
+
+def _locked_inference(model, imgs):
+    with getattr(model, "lock", _FALLBACK_LOCK):
+        return inference_detector(model, imgs)
+
+
+async def async_inference_detector(model, imgs):
+    """:func:`inference_detector` in a worker thread, so the event loop keeps serving while the model runs.
+
+    Calls on one model take turns (a lock per model): concurrent ``asyncio.gather`` calls give the same
+    detections as the same calls one after another.
+    """
+    return await asyncio.to_thread(_locked_inference, model, imgs)
+
+
 def show_result(img, result: DetResult, score_thr: float = 0.3, out_file=None) -> Image.Image:
-    """Draw detections scoring at least ``score_thr``; save to ``out_file`` when given; return the picture."""
+    """Draw detections scoring at least ``score_thr`` (boxes, class names, scores, masks); save to ``out_file``
+    when given (format from its suffix, PNG otherwise); return the picture."""
     image = _as_pil(img)
     boxes, labels, scores, masks = [], [], [], []
     for k, dets in enumerate(result):

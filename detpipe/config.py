@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import operator
@@ -20,7 +21,11 @@ REQUIRED = object()
 
 # The choices of model.name and model.backbone; detpipe.models builds exactly these (a test keeps them equal).
 # They are spelled out here so that reading params does not make every stage depend on the model code.
-ARCHITECTURES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite")
+ARCHITECTURES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite",  # small, with model.backbone
+                 "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+                 "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+                 "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
+                 "ssdlite320_mobilenet_v3_large")  # torchvision's builders, by name (docs/models.md)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 
@@ -64,25 +69,46 @@ SCHEMA: dict[str, Any] = {
         "strict": Key(bool, "clipped, dropped or mis-sized boxes are errors instead of counts"),
     },
     "model": {
-        "name": Key(ARCHITECTURES, "detector architecture"),
-        "backbone": Key(BACKBONES, "backbone network (with an FPN)"),
+        "name": Key(ARCHITECTURES, "detector: a small architecture, or a torchvision builder name"),
+        "backbone": Key(BACKBONES, "backbone network (with an FPN) of the small architectures; builders ignore it"),
         "fpn_channels": Key(int, "feature-pyramid width; 256 is torchvision's, smaller is much faster on a CPU", ge=1),
         "pretrained_backbone": Key(bool, "start from torchvision's ImageNet backbone weights (downloads once)"),
         "min_size": Key(int, "images are resized so their short side is this many pixels", ge=16),
         "max_size": Key(int, "...and their long side at most this many", ge=16),
+        "weights": Key(str, "start from: a torchvision weights name of model.name (COCO_V1, DEFAULT, ...; downloaded "
+                            "once) or a weights file; \"\": none", ""),
+        "score_thresh": Key(float, "detections scoring below this are dropped; -1: the architecture's default",
+                            -1.0, ge=-1, le=1),
+        "nms_thresh": Key(float, "IoU above which non-maximum suppression drops the lower-scoring box; -1: the "
+                                 "architecture's default", -1.0, ge=-1, le=1),
+        "detections_per_img": Key(int, "most detections kept per image; -1: the architecture's default", -1, ge=-1),
     },
     "train": {
         "epochs": Key(int, "passes over the train split", ge=1),
         "batch_size": Key(int, "images per iteration", ge=1),
-        "lr": Key(float, "peak learning rate of SGD", gt=0),
-        "momentum": Key(float, "SGD momentum", ge=0, lt=1),
-        "weight_decay": Key(float, "L2 weight decay", ge=0),
+        "optimizer": Key(("sgd", "adamw"), "SGD with momentum, or AdamW", "sgd"),
+        "lr": Key(float, "peak learning rate", gt=0),
+        "momentum": Key(float, "SGD momentum (AdamW: beta1)", ge=0, lt=1),
+        "weight_decay": Key(float, "weight decay (AdamW: decoupled)", ge=0),
+        "decay_norm_and_bias": Key(bool, "false excludes norm layers' weights and every bias from weight decay", True),
         "warmup_iters": Key(int, "iterations of linear learning-rate warm-up", ge=0),
-        "lr_schedule": Key(("cosine", "step", "constant"), "decay after warm-up; step divides by 10 at 2/3 and 8/9"),
+        "lr_schedule": Key(("cosine", "step", "multistep", "constant"),
+                           "decay after warm-up; step divides by 10 at 2/3 and 8/9 of training, multistep at "
+                           "milestones"),
+        "milestones": Key(list, "epochs after which multistep divides the learning rate by 10", [8, 11]),
+        "clip_grad_norm": Key(float, "clip the gradients' total norm to this; 0 turns clipping off", 10.0, ge=0),
         "hflip": Key(float, "probability of a horizontal flip per training image", ge=0, le=1),
-        "amp": Key(bool, "bfloat16 autocast on CUDA (ignored on the CPU)"),
+        "amp": Key(bool, "mixed precision on CUDA (ignored on the CPU)"),
+        "amp_dtype": Key(("bfloat16", "float16"), "autocast type; float16 uses a gradient scaler", "bfloat16"),
         "num_workers": Key(int, "DataLoader worker processes", ge=0),
         "log_interval": Key(int, "print loss and ETA every this many iterations", ge=1),
+        "val_interval": Key(int, "validate every this many epochs (and after the last)", 1, ge=1),
+        "best_metric": Key(("last", "bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50"),
+                           "model.pt is the epoch best by this val metric; last: the final epoch", "last"),
+        "early_stop": Key(int, "stop after this many validations without a better best_metric; 0: never", 0, ge=0),
+        "load_from": Key(str, "fine-tune: weights only, from a checkpoint file or a weights name; \"\": none", ""),
+        "resume": Key(("auto", "never"), "auto: a rerun after a crash, with the same inputs, continues from the "
+                                         "latest epoch checkpoint", "auto"),
     },
     "evaluate": {
         "batch_size": Key(int, "images per inference batch", ge=1),
@@ -200,7 +226,7 @@ def _validate(data: Any, schema: dict, where: str, prefix: str = "") -> None:
     for key, spec in schema.items():
         name = prefix + key
         if key not in data and isinstance(spec, Key) and spec.default is not REQUIRED:
-            data[key] = spec.default
+            data[key] = copy.deepcopy(spec.default)  # a list default must not be shared between loads
         if key not in data:
             raise DetpipeError(f"{where}: missing key {name}")
         if isinstance(spec, dict):
@@ -218,6 +244,9 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     for item in overrides:
         apply_override(data, item)
     _validate(data, SCHEMA, str(path))
+    milestones = data["train"]["milestones"]
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones):
+        raise DetpipeError(f"{path}: train.milestones must be a list of epoch numbers (>= 1), got {milestones!r}")
     if data["model"]["max_size"] < data["model"]["min_size"]:
         raise DetpipeError(f"{path}: model.max_size ({data['model']['max_size']}) is less than model.min_size "
                            f"({data['model']['min_size']})")

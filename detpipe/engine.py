@@ -60,13 +60,34 @@ def train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, gene
         num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool = True) -> list[dict]:
+    """Trainable parameters; with ``decay_norm_and_bias`` off, norm layers' weights and biases get no decay."""
+    if decay_norm_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if isinstance(module, norms) or name == "bias" else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(it: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at iteration ``it``: linear warm-up, then the schedule."""
+def build_optimizer(model: torch.nn.Module, name: str = "sgd", *, lr: float, momentum: float = 0.9,
+                    weight_decay: float = 0.0, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, weight_decay, decay_norm_and_bias)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_factor(it: int, total: int, warmup: int, schedule: str, milestones: tuple[int, ...] = ()) -> float:
+    """Multiplier of the peak learning rate at iteration ``it``: linear warm-up, then the schedule.
+
+    ``milestones`` (for ``multistep``) are in iterations.
+    """
     if it < warmup:
         return 0.001 + (1 - 0.001) * it / warmup
     if schedule == "cosine":
@@ -74,13 +95,16 @@ def lr_factor(it: int, total: int, warmup: int, schedule: str) -> float:
         return 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "step":
         return 0.1 ** sum(it >= total * f for f in (2 / 3, 8 / 9))
+    if schedule == "multistep":
+        return 0.1 ** sum(it >= m for m in milestones)
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int, schedule: str):
+def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int, schedule: str,
+                    milestones: tuple[int, ...] = ()):
     """A per-iteration schedule (``step()`` after every optimizer step) over ``total_iters``."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, total_iters, warmup_iters, schedule))
+        optimizer, lambda it: lr_factor(it, total_iters, warmup_iters, schedule, tuple(milestones)))
 
 
 def to_device(images, targets, device: torch.device):
@@ -92,30 +116,35 @@ def to_device(images, targets, device: torch.device):
 
 
 def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, epoch: int, *, amp: bool = False,
-                    clip_norm: float = 10.0, first_iter: int = 0, total_iters: int | None = None,
-                    log_interval: int = 20, iter_log=None,
+                    amp_dtype: torch.dtype = torch.bfloat16, scaler=None, clip_norm: float = 10.0,
+                    first_iter: int = 0, total_iters: int | None = None, log_interval: int = 20, iter_log=None,
                     log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """One pass over ``loader``; returns the epoch's log row (mean of each loss, last lr, images per second).
 
     ``first_iter`` counts the iterations of earlier epochs (for the ETA and ``iter_log``, a CSV file
-    written one row per iteration). A NaN or infinite loss raises :class:`NonFiniteLoss` before any step.
+    written one row per iteration). AMP runs on CUDA only; float16 needs a ``torch.amp.GradScaler``.
+    ``clip_norm`` 0 turns clipping off. A NaN or infinite loss raises :class:`NonFiniteLoss` before any step.
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     use_amp = amp and device.type == "cuda"
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     total = total_iters or first_iter + len(loader)
     sums, seen, it, epoch_start = defaultdict(float), 0, first_iter, time.time()
     for images, targets in loader:
         images, targets = to_device(list(images), list(targets), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise NonFiniteLoss(loss.item(), it + 1, epoch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        optimizer.step()
+        scaler.scale(loss).backward()
+        if clip_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         it += 1
         seen += len(images)

@@ -1,27 +1,111 @@
-"""Names to torchvision detectors: architecture × backbone, with image size and weights from params."""
+"""Names to torchvision detectors, and weights (a torchvision weights name or a file) into them.
+
+Two kinds of ``model.name`` (docs/models.md has the table):
+
+* the small models ``fasterrcnn``, ``maskrcnn``, ``retinanet``, ``fcos``, ``ssdlite``: architecture × ``backbone``
+  with a narrow feature pyramid (``fpn_channels``), trained from scratch on a CPU by the default params;
+* torchvision's detectors by their builder name (``fasterrcnn_resnet50_fpn``, …), built as torchvision builds them
+  (``backbone`` and ``fpn_channels`` do not apply), with COCO weights to fine-tune from: ``weights``.
+
+``load_weights`` puts a weights name or file into a built model; tensors whose shape no longer fits (the
+class-specific head layers, for another number of classes) keep their fresh initialisation and are listed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
+import sys
 from functools import partial
 from pathlib import Path
 
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, listing
 
-ARCHITECTURES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite")
+SMALL = ("fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite")
+BUILDERS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+            "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+            "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
+            "ssdlite320_mobilenet_v3_large")
+ARCHITECTURES = SMALL + BUILDERS
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+MASK_MODELS = ("maskrcnn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+ARCH_DEFAULT = -1  # score_thresh, nms_thresh, detections_per_img: keep the architecture's own default
+
+# What torchvision's builders do differently when they load weights (their ``is_trained`` branch): these six put
+# FrozenBatchNorm2d in the backbone; every builder but ssdlite also freezes the backbone's first stages.
+_FROZEN_BN = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+              "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn")
+_ZERO_EPS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")  # with COCO_V1 weights
+# ImageNet weights of the backbone for ``pretrained_backbone``, as torchvision's legacy ``pretrained_backbone=True``
+_BACKBONE_WEIGHTS = {"ssd300_vgg16": "IMAGENET1K_FEATURES"}  # the rest: IMAGENET1K_V1
+_HASH = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's: torchvision's file names end in -<sha256 prefix>.pth
 
 
 def has_masks(name: str) -> bool:
-    return name == "maskrcnn"
+    return name in MASK_MODELS
 
 
 def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, max_size: int,
-                fpn_channels: int = 256, pretrained_backbone: bool = False):
+                fpn_channels: int = 256, pretrained_backbone: bool = False, score_thresh: float = ARCH_DEFAULT,
+                nms_thresh: float = ARCH_DEFAULT, detections_per_img: int = ARCH_DEFAULT, weights: str = "",
+                load: bool = True):
     """A detector with ``num_classes`` outputs (background included) that resizes images to min/max_size.
 
-    Without pretrained weights the backbone uses trainable BatchNorm: torchvision's default
-    FrozenBatchNorm keeps ImageNet statistics and never learns from scratch.
+    ``score_thresh``, ``nms_thresh`` and ``detections_per_img`` set its post-processing; -1 keeps the
+    architecture's default. ``weights`` (a torchvision weights name for a builder name, or a weights file) are
+    loaded with :func:`load_weights`; the names of the tensors left at their initialisation are in
+    ``model.weights_not_loaded``. A builder model given weights is laid out as torchvision lays it out for
+    pretrained weights (frozen BatchNorm and first stages, see docs/models.md), also with ``load=False``, which
+    builds that layout without reading ``weights`` (to load a checkpoint trained from them). ``pretrained_backbone``
+    loads torchvision's ImageNet backbone weights (downloaded once); builder names ignore it when given ``weights``.
+
+    The small models without pretrained weights use trainable BatchNorm: torchvision's default FrozenBatchNorm
+    keeps ImageNet statistics and never learns from scratch. SSD models resize to a square: the small ``ssdlite``
+    to ``min_size``, the two SSD builders to their fixed 300 and 320 pixels.
     """
+    if name not in ARCHITECTURES:
+        raise DetpipeError(f"model.name: unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    post = _postprocess(name, score_thresh, nms_thresh, detections_per_img)
+    if weights and not _is_path(weights):  # a misspelt name fails before anything is built
+        try:
+            _weights_member(name, weights)
+        except DetpipeError as exc:
+            raise DetpipeError(f"model.weights: {exc}") from None
+    try:
+        if name in BUILDERS:
+            model = _build_torchvision(name, num_classes, min_size=min_size, max_size=max_size, post=post,
+                                       pretrained_backbone=pretrained_backbone and not weights, weights=weights)
+        else:
+            model = _build_small(name, backbone, num_classes, min_size=min_size, max_size=max_size, post=post,
+                                 fpn_channels=fpn_channels, pretrained_backbone=pretrained_backbone)
+    except OSError as exc:  # no internet for the ImageNet backbone weights
+        if not pretrained_backbone:
+            raise
+        raise DetpipeError(f"model.pretrained_backbone: cannot download the backbone's ImageNet weights ({exc}); "
+                           "connect once, or set it to false") from None
+    model.weights_not_loaded = []
+    if weights and load:
+        try:
+            model.weights_not_loaded = load_weights(model, weights, name)
+        except DetpipeError as exc:
+            raise DetpipeError(f"model.weights: {exc}") from None
+    return model
+
+
+def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_per_img: int) -> dict:
+    """The constructor's keyword arguments for the values that are not -1 (R-CNN models spell them ``box_*``)."""
+    for key, value in (("score_thresh", score_thresh), ("nms_thresh", nms_thresh)):
+        if value != ARCH_DEFAULT and not 0 <= value <= 1:
+            raise DetpipeError(f"model.{key} must be -1 (the architecture's default) or from 0 to 1, got {value!r}")
+    if detections_per_img != ARCH_DEFAULT and not detections_per_img >= 1:
+        raise DetpipeError("model.detections_per_img must be -1 (the architecture's default) or at least 1, "
+                           f"got {detections_per_img!r}")
+    prefix = "box_" if name.startswith(("fasterrcnn", "maskrcnn")) else ""
+    values = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": detections_per_img}
+    return {prefix + k: v for k, v in values.items() if v != ARCH_DEFAULT}
+
+
+def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channels, pretrained_backbone, post):
     from torch import nn
     from torchvision.models import detection as det
     from torchvision.models import resnet
@@ -29,8 +113,6 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    if name not in ARCHITECTURES:
-        raise DetpipeError(f"model.name: unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     if backbone not in BACKBONES:
         raise DetpipeError(f"model.backbone: unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     weights = "DEFAULT" if pretrained_backbone else None
@@ -41,7 +123,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
         if backbone != "mobilenet_v3_large":
             raise DetpipeError("model.backbone: ssdlite needs backbone mobilenet_v3_large")
         model = det.ssdlite320_mobilenet_v3_large(num_classes=num_classes, weights_backbone=weights,
-                                                  norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.03))
+                                                  norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.03),
+                                                  **post)
         model.transform.fixed_size = (min_size, min_size)  # SSD resizes to a square, 320 px by default
         return model
     one_stage = name in ("retinanet", "fcos")
@@ -67,12 +150,175 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
         size["rpn_anchor_generator"] = det.anchor_utils.AnchorGenerator(
             ((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
     if name == "fasterrcnn":
-        return det.FasterRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **size)
+        return det.FasterRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **post, **size)
     if name == "maskrcnn":
-        return det.MaskRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **size)
+        return det.MaskRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **post, **size)
     if name == "retinanet":
-        return det.RetinaNet(body, num_classes=num_classes, **size)
-    return det.FCOS(body, num_classes=num_classes, score_thresh=0.05, **size)  # torchvision's 0.2 costs recall
+        return det.RetinaNet(body, num_classes=num_classes, **post, **size)
+    # torchvision's score_thresh 0.2 costs recall
+    return det.FCOS(body, num_classes=num_classes, **{"score_thresh": 0.05, **post}, **size)
+
+
+def _build_torchvision(name, num_classes, *, min_size, max_size, pretrained_backbone, post, weights):
+    from torchvision.models import get_model
+
+    kwargs = dict(post)
+    if not name.startswith("ssd"):  # SSD builders fix their input size (300, 320) and take no min/max_size
+        kwargs.update(min_size=min_size, max_size=max_size)
+    backbone_weights = _BACKBONE_WEIGHTS.get(name, "IMAGENET1K_V1") if pretrained_backbone else None
+    model = get_model(name, weights=None, weights_backbone=backbone_weights, num_classes=num_classes, **kwargs)
+    if weights:
+        _pretrained_layout(model, name, weights)
+    return model
+
+
+def _pretrained_layout(model, builder: str, weights: str) -> None:
+    """Make ``model`` what torchvision's builder makes when it is given weights, before they are loaded:
+    FrozenBatchNorm2d in the backbone (not in the v2 models and SSDs), the backbone's first stages frozen (its
+    default ``trainable_backbone_layers``: 3 of 5 stages for ResNet, 3 of 6 for MobileNet, 4 of 5 for VGG, all
+    for ssdlite) and, for the three original COCO_V1 weights, FrozenBatchNorm2d's eps at 0 as they were trained."""
+    from torch import nn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if builder in _FROZEN_BN:
+        _freeze_batchnorm(model.backbone.body, nn.BatchNorm2d, FrozenBatchNorm2d)
+    if "resnet50" in builder:
+        for pname, p in model.backbone.body.named_parameters():
+            if not pname.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+    elif builder.startswith("fasterrcnn_mobilenet"):
+        blocks = list(model.backbone.body.children())
+        stages = [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+        for block in blocks[:stages[len(stages) - 3]]:
+            block.requires_grad_(False)
+    elif builder == "ssd300_vgg16":
+        model.backbone.features[:4].requires_grad_(False)  # conv1_1 and conv1_2
+    if builder in _ZERO_EPS and _is_coco_v1(builder, weights):
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.eps = 0.0
+
+
+def _freeze_batchnorm(module, batchnorm, frozen) -> None:
+    for cname, child in module.named_children():
+        if isinstance(child, batchnorm):
+            new = frozen(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new, key).copy_(getattr(child, key).detach())
+            setattr(module, cname, new)
+        else:
+            _freeze_batchnorm(child, batchnorm, frozen)
+
+
+def _is_coco_v1(builder: str, weights: str) -> bool:
+    """Are ``weights`` torchvision's COCO_V1 of ``builder``: by name, or a file with its published name?"""
+    from torchvision.models import get_model_weights
+
+    member = get_model_weights(builder).__members__.get("COCO_V1")
+    if member is None:
+        return False
+    if _is_path(weights):
+        return Path(weights).name == member.url.rsplit("/", 1)[-1]
+    return _weights_member(builder, weights) == member
+
+
+def _is_path(source: str) -> bool:
+    """A weights file, not a weights name: names (COCO_V1, DEFAULT, …) hold no dots or slashes."""
+    return any(c in source for c in "./\\") or Path(source).is_file()
+
+
+def _weights_member(builder: str | None, name: str):
+    from torchvision.models import get_model_weights
+
+    if builder not in BUILDERS:
+        raise DetpipeError(f"weights {name!r}: named weights are torchvision's, for a builder name as model.name "
+                           f"({BUILDERS[0]}, …), not {builder}; give the path of a weights file instead")
+    enum = get_model_weights(builder)
+    if name not in enum.__members__:
+        raise DetpipeError(f"weights {name!r}: unknown for {builder}; choose one of {', '.join(enum.__members__)}, "
+                           "or give the path of a weights file")
+    return enum[name]
+
+
+def fetch_weights(url: str) -> Path:
+    """The file at ``url`` in torch's hub cache (``torch.hub.get_dir()/checkpoints``), downloaded when it is not
+    there yet. A file name ending in ``-<hex>.pth`` (torchvision's) must have a sha256 starting with those digits:
+    checked on download and again on each use, so a damaged or wrong file is refused, never loaded."""
+    import torch
+
+    name = url.rsplit("/", 1)[-1]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / name
+    found = _HASH.search(name)
+    prefix = found.group(1) if found and found.group(1) else None
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {url} into {target}", file=sys.stderr, flush=True)
+        try:  # into a temporary file first, removed on any failure
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=prefix, progress=False)
+        except RuntimeError as exc:  # torch's "invalid hash value (expected ..., got ...)"
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DetpipeError(f"{url}: the download does not match the sha256 in its name ({why}); "
+                               "nothing was kept") from None
+        except OSError as exc:
+            raise DetpipeError(f"{url}: cannot download ({getattr(exc, 'reason', exc)}); without internet, copy "
+                               f"the file to {target}") from None
+    elif prefix:
+        digest = hashlib.sha256()
+        with open(target, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(prefix):
+            raise DetpipeError(f"{target}: cached weights are damaged (sha256 {digest.hexdigest()[:16]}…, expected "
+                               f"{prefix}…); delete the file to download it again")
+    return target
+
+
+def read_weights(source: str, builder: str | None = None) -> dict:
+    """The state_dict named by ``source``: a torchvision weights name of ``builder`` (downloaded once, see
+    :func:`fetch_weights`) or a file holding a state_dict, a detpipe checkpoint (``{"model": ..., "meta": ...}``,
+    also ``last.pt``) or ``{"state_dict": ...}``."""
+    import torch
+
+    if _is_path(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DetpipeError(f"{source}: weights file is missing")
+    else:
+        path = fetch_weights(_weights_member(builder, source).url)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, a pickled object that is not plain tensors …
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DetpipeError(f"{path}: not a readable weights file ({why})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in obj.items())):
+        raise DetpipeError(f"{path}: holds no state_dict (parameter names to tensors)")
+    return obj
+
+
+def load_weights(model, source: str, builder: str | None) -> list[str]:
+    """Load the weights ``source`` names (see :func:`read_weights`) into ``model``; returns the names of its
+    state_dict entries that were not loaded: those whose shape differs (the class-specific head layers when the
+    number of classes differs from the weights', COCO's 91) keep their fresh initialisation. Weights lacking
+    most of the model's names or shapes (another architecture, backbone or width) are refused."""
+    state = read_weights(source, builder)
+    own = model.state_dict()
+    names = [k for k in own if not k.endswith("num_batches_tracked")]
+    present = [k for k in names if k in state]
+    if 2 * len(present) < len(names):
+        missing = [k for k in names if k not in state]
+        raise DetpipeError(f"{source}: weights of another architecture: {len(missing)} of the model's {len(names)} "
+                           f"tensors are not in them ({listing(missing, 3)})")
+    fits = {k: state[k] for k in own if k in state and tuple(state[k].shape) == tuple(own[k].shape)}
+    if 2 * len([k for k in present if k in fits]) < len(names):
+        raise DetpipeError(f"{source}: weights of another backbone or width: most of the model's {len(names)} "
+                           f"tensors have other shapes in them ({listing([k for k in present if k not in fits], 3)})")
+    model.load_state_dict(fits, strict=False)
+    return [k for k in names if k not in fits]
 
 
 def load_checkpoint(path, device="cpu"):
@@ -85,8 +331,13 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         meta, m = ckpt["meta"], ckpt["meta"]["model"]
+        post = {k: m.get(k, ARCH_DEFAULT) for k in ("score_thresh", "nms_thresh", "detections_per_img")}
+        # The ImageNet backbone changes the shape of one model only: SSDlite's is built without its reduced tail.
+        # (FrozenBatchNorm2d weights load into BatchNorm2d and compute the same in eval mode.)
+        imagenet = m["name"] == "ssdlite320_mobilenet_v3_large" and m.get("pretrained_backbone", False)
         model = build_model(m["name"], m["backbone"], len(meta["classes"]) + 1, min_size=m["min_size"],
-                            max_size=m["max_size"], fpn_channels=m["fpn_channels"])
+                            max_size=m["max_size"], fpn_channels=m["fpn_channels"], pretrained_backbone=imagenet,
+                            **post, weights=m.get("weights", ""), load=False)  # the layout: the weights are in ckpt
         model.load_state_dict(ckpt["model"])
     except DetpipeError as exc:
         raise DetpipeError(f"{path}: {exc}") from None

@@ -26,7 +26,7 @@ CORE = ("errors", "files", "images", "synthetic", "archives", "formats", "format
         "formats.via", "formats.voc", "formats.yolo", "formats.middle", "conversion", "transforms", "datasets",
         "models", "metrics", "engine", "visualize", "cli")
 SERVICES = ("config", "tracking")
-STAGE_MODULES = ("download", "convert", "train", "evaluate", "report", "apis")
+STAGE_MODULES = ("download", "convert", "train", "evaluate", "report", "apis", "infer")
 LAYERS = (CORE, SERVICES, STAGE_MODULES, ("pipeline",))
 
 _BASE = ("cli", "errors", "config", "files")  # every stage script parses flags and params the same way

@@ -92,6 +92,10 @@ class Run:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def reopen(self) -> None:
+        """Mark a run that was killed (or left RUNNING by a SIGKILL) as running again: resumed training."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 

@@ -1,25 +1,39 @@
-"""The train stage: check inputs, build data and model, open the MLflow run, loop over epochs, write outputs.
+"""The train stage: check inputs, build data and model, open (or continue) the MLflow run, loop over epochs.
 
-Outputs (one folder, written whole or not at all): ``model.pt``, ``last.pt`` (model, optimizer, schedule,
-epoch, RNG), ``train_log.csv`` (one row per epoch), ``iter_log.csv`` (one row per iteration),
-``config.yaml`` (the resolved params) and ``run.json`` (the MLflow run and what it was trained on).
+Outputs (one folder, written whole at the end): ``model.pt`` (the final epoch's weights, or the best by
+``train.best_metric``), ``last.pt`` (model, optimizer, schedule, scaler, epoch, RNGs), ``train_log.csv``
+(one row per epoch), ``iter_log.csv`` (one row per iteration), ``config.yaml`` (the resolved params) and
+``run.json`` (the MLflow run and what it was trained on).
+
+Resume (``train.resume: auto``): after each epoch the full training state is saved under
+``.detpipe/checkpoints/train-<key>/``, outside the stage's outputs (DVC and Snakemake delete a failed
+stage's outputs). The key hashes the train params, the converted data and the code this process runs, so
+only a rerun with the same inputs continues from it; it is removed when training succeeds.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from detpipe import config, engine, tracking
 from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_dir, atomic_torch_save, read_json_keys, write_json, write_text
-from detpipe.models import build_model, has_masks
+from detpipe.models import build_model, has_masks, load_weights
 from detpipe.transforms import train_transforms
+
+CHECKPOINTS = Path(".detpipe/checkpoints")
+PARAM_SECTIONS = ("experiment", "seed", "device", "threads", "model", "train")  # the params this stage reads
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -47,7 +61,56 @@ def _datasets(cfg: config.Config, data_dir: Path, image_root: Path) -> tuple[Coc
     if masks and not any("segmentation" in a for a in train_set.coco["annotations"]):
         raise DetpipeError(f"{data_dir / 'train.json'}: model.name {cfg.model.name} needs outlines, but this "
                            "dataset has boxes only; pick a box model (fasterrcnn, retinanet, fcos, ssdlite)")
+    if cfg.train.best_metric.startswith("segm") and not masks:
+        raise DetpipeError(f"train.best_metric {cfg.train.best_metric} needs a mask model, not {cfg.model.name}")
     return train_set, val_set, stats
+
+
+def resume_key(cfg: config.Config, data_dir: Path) -> str:
+    """A hash of everything a training run depends on: its params, the converted data and the code it runs."""
+    h = hashlib.sha256()
+    params = {k: config.dict_of(cfg[k]) for k in PARAM_SECTIONS}
+    params["train"] = {k: v for k, v in params["train"].items() if k not in ("resume", "log_interval")}
+    h.update(json.dumps(params, sort_keys=True).encode())
+    for name in ("train.json", "val.json", "stats.json"):
+        h.update((data_dir / name).read_bytes())
+    ours = lambda name: name in ("detpipe", "__main__") or name.startswith("detpipe.")
+    code = {Path(m.__file__) for name, m in list(sys.modules.items()) if ours(name) and getattr(m, "__file__", None)}
+    for path in sorted(code):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def _rng_state(loader_gen: torch.Generator, train_set: CocoDetection) -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]  # loadable weights_only
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
+            "loader": loader_gen.get_state(), "transforms": train_set.transforms.state()}
+
+
+def _set_rng_state(state: dict, loader_gen: torch.Generator, train_set: CocoDetection) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    loader_gen.set_state(state["loader"])
+    train_set.transforms.load_state(state["transforms"])
+
+
+def _load_resume(path: Path) -> dict | None:
+    """The saved training state, or None when there is none (or it is damaged: training then starts afresh)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checkpoint cut short by the crash itself
+        print(f"ignoring unreadable resume checkpoint {path} ({type(exc).__name__})", file=sys.stderr)
+        return None
+
+
+def _improved(row: dict, best: dict | None, metric: str) -> bool:
+    key = f"val_{metric}"
+    return key in row and (best is None or row[key] > best["value"])
 
 
 def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list[dict]:
@@ -59,55 +122,105 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
     engine.seed_everything(cfg.seed)
     m, t = cfg.model, cfg.train
     model = build_model(m.name, m.backbone, len(train_set.cat_ids) + 1, min_size=m.min_size,
-                        max_size=m.max_size, fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone)
+                        max_size=m.max_size, fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
+                        score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
+                        detections_per_img=m.detections_per_img, weights=m.weights)
+    # Weights only, from model.weights (at build time) or train.load_from: layers that do not fit start fresh.
+    reinitialised = list(model.weights_not_loaded)
+    if t.load_from:
+        reinitialised = load_weights(model, t.load_from, m.name)
+    source = t.load_from or m.weights
+    if source:
+        print(f"weights from {source}: {len(reinitialised)} tensors re-initialised "
+              f"({', '.join(reinitialised) or 'none'})", file=sys.stderr)
+    ckpt_dir = CHECKPOINTS / f"train-{resume_key(cfg, data_dir)[:16]}"
+    state = _load_resume(ckpt_dir / "last.pt") if t.resume == "auto" else None
     print(f"resolved config:\n{config.dump(cfg)}", file=sys.stderr)
-    # Everything a user can get wrong is checked above: only now is an MLflow run opened.
-    commit = tracking.git_commit()
-    run = tracking.Run.start(cfg.experiment, run_name=f"{m.name}-{m.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             tags={"git_commit": commit, "dataset": cfg.dataset,
-                                   "data_hash": stats["content_hash"], "device": str(device)})
-    run.log_params(config.flatten(config.dict_of(cfg)))
-    # Seeded again after the model is built, so the data order does not depend on how many weights it drew.
-    loader = engine.train_loader(train_set, t.batch_size, t.num_workers, engine.seed_everything(cfg.seed), device)
-    model.to(device)
-    optimizer = engine.build_optimizer(model, t.lr, t.momentum, t.weight_decay)
-    total = t.epochs * len(loader)
-    scheduler = engine.build_scheduler(optimizer, total, t.warmup_iters, t.lr_schedule)
 
-    history: list[dict] = []
+    # Everything a user can get wrong was checked above: only now is an MLflow run opened (or continued).
+    commit = tracking.git_commit()
+    if state is not None:
+        try:
+            run = tracking.Run.existing(state["run_id"], ckpt_dir / "last.pt")
+        except DetpipeError as exc:  # the store was replaced: the run cannot continue, so neither can training
+            print(f"not resuming: {exc}", file=sys.stderr)
+            state = None
+    if state is not None:
+        run.reopen()
+        print(f"resuming from {ckpt_dir / 'last.pt'}: epoch {state['epoch']}/{t.epochs} done, "
+              f"MLflow run {run.run_id}", file=sys.stderr, flush=True)
+    else:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True)
+        run = tracking.Run.start(cfg.experiment, run_name=f"{m.name}-{m.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                 tags={"git_commit": commit, "dataset": cfg.dataset,
+                                       "data_hash": stats["content_hash"], "device": str(device)})
+        run.log_params(config.flatten(config.dict_of(cfg)))
+        if source:
+            run.set_tag("reinitialised_layers", ", ".join(reinitialised)[:5000] or "none")
+        write_text(ckpt_dir / "config.yaml", config.dump(cfg))
+        run.log_artifact(ckpt_dir / "config.yaml")
+        (ckpt_dir / "iter_log.csv").write_text("epoch,iter,lr,loss\n")
+
+    # Seeded again after the model is built, so the data order does not depend on how many weights it drew.
+    loader_gen = engine.seed_everything(cfg.seed)
+    loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device)
+    model.to(device)
+    optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                       decay_norm_and_bias=t.decay_norm_and_bias)
+    total = t.epochs * len(loader)
+    scheduler = engine.build_scheduler(optimizer, total, t.warmup_iters, t.lr_schedule,
+                                       [e * len(loader) for e in t.milestones])
+    amp_dtype = torch.float16 if t.amp_dtype == "float16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp and device.type == "cuda" and t.amp_dtype == "float16")
+    history, best, stale, first_epoch = [], None, 0, 1
+    if state is not None:  # model, optimizer, schedule, scaler, every RNG and the data order, as they were
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], loader_gen, train_set)
+        history, best, stale, first_epoch = state["history"], state["best"], state["stale"], state["epoch"] + 1
     try:
-        with atomic_dir(out) as tmp:
-            write_text(tmp / "config.yaml", config.dump(cfg))
-            run.log_artifact(tmp / "config.yaml")
-            with open(tmp / "iter_log.csv", "w") as iter_log:
-                iter_log.write("epoch,iter,lr,loss\n")
-                for epoch in range(1, t.epochs + 1):
-                    row = engine.train_one_epoch(
-                        model, optimizer, scheduler, loader, device, epoch, amp=t.amp,
-                        first_iter=(epoch - 1) * len(loader), total_iters=total, log_interval=t.log_interval,
-                        iter_log=iter_log)
+        with open(ckpt_dir / "iter_log.csv", "r+") as iter_log:
+            if state is not None:  # rows of the epoch the crash cut short are dropped: it is trained again
+                iter_log.truncate(state["iter_log_bytes"])
+            iter_log.seek(0, 2)
+            for epoch in range(first_epoch, t.epochs + 1):
+                row = engine.train_one_epoch(
+                    model, optimizer, scheduler, loader, device, epoch, amp=t.amp, amp_dtype=amp_dtype,
+                    scaler=scaler, clip_norm=t.clip_grad_norm, first_iter=(epoch - 1) * len(loader),
+                    total_iters=total, log_interval=t.log_interval, iter_log=iter_log)
+                if epoch % t.val_interval == 0 or epoch == t.epochs:
                     _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size)
                     for iou_type, result in evals.items():
                         row[f"val_{iou_type}_mAP"] = result["stats"]["mAP"]
                         row[f"val_{iou_type}_mAP50"] = result["stats"]["mAP50"]
-                    history.append(row)
-                    print(f"epoch {epoch}/{t.epochs} done: loss {row['train_loss']:.3f} "
-                          f"val bbox mAP50 {row['val_bbox_mAP50']:.3f}", file=sys.stderr, flush=True)
-                    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "epoch": epoch,
-                                       "rng": torch.get_rng_state(), "aug_rng": train_set.transforms.state()},
-                                      tmp / "last.pt")
-                    run.log_metrics(row, step=epoch)
-            write_csv(tmp / "train_log.csv", history)
-            meta = {"model": config.dict_of(cfg.model), "classes": train_set.class_names,
-                    "cat_ids": train_set.cat_ids}
-            atomic_torch_save({"model": model.state_dict(), "meta": meta}, tmp / "model.pt")
-            write_json(tmp / "run.json", {"run_id": run.run_id, "experiment": cfg.experiment,
-                                          "tracking_uri": tracking.tracking_uri(), "device": str(device),
-                                          "git_commit": commit, "data_hash": stats["content_hash"]})
-            run.log_artifact(tmp / "train_log.csv")
+                    if t.best_metric != "last":
+                        if _improved(row, best, t.best_metric):
+                            best, stale = {"epoch": epoch, "value": row[f"val_{t.best_metric}"]}, 0
+                            atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
+                        else:
+                            stale += 1
+                history.append(row)
+                val = " ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("val_"))
+                print(f"epoch {epoch}/{t.epochs} done: loss {row['train_loss']:.3f} {val or '(not validated)'}",
+                      file=sys.stderr, flush=True)
+                run.log_metrics(row, step=epoch)
+                iter_log.flush()
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                   "epoch": epoch, "rng": _rng_state(loader_gen, train_set), "history": history,
+                                   "best": best, "stale": stale, "run_id": run.run_id,
+                                   "iter_log_bytes": iter_log.tell()}, ckpt_dir / "last.pt")
+                if t.early_stop and stale >= t.early_stop:
+                    print(f"early stop after epoch {epoch}: no better val {t.best_metric} in {stale} validations "
+                          f"(best {best['value']:.4f} at epoch {best['epoch']})", file=sys.stderr)
+                    break
+        _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, stats, device)
     except engine.NonFiniteLoss as exc:
         run.end("FAILED")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # nothing worth resuming: the same inputs diverge again
         raise DetpipeError(f"train: {exc}; try a lower train.lr (now {t.lr:g}) or more train.warmup_iters, "
                            "and check the data's boxes") from None
     except KeyboardInterrupt:
@@ -117,4 +230,22 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
         run.end("FAILED")
         raise
     run.end("FINISHED")  # evaluate and report still add their metrics and artifacts to this run
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return history
+
+
+def _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, stats, device) -> None:
+    """The stage's folder, whole: written into a temporary sibling and renamed into place."""
+    weights = torch.load(ckpt_dir / "best.pt", weights_only=True) if best else model.state_dict()
+    with atomic_dir(out) as tmp:
+        shutil.copy(ckpt_dir / "config.yaml", tmp / "config.yaml")
+        shutil.copy(ckpt_dir / "iter_log.csv", tmp / "iter_log.csv")
+        shutil.copy(ckpt_dir / "last.pt", tmp / "last.pt")
+        write_csv(tmp / "train_log.csv", history)
+        meta = {"model": config.dict_of(cfg.model), "classes": train_set.class_names, "cat_ids": train_set.cat_ids,
+                "epoch": best["epoch"] if best else history[-1]["epoch"]}
+        atomic_torch_save({"model": weights, "meta": meta}, tmp / "model.pt")
+        write_json(tmp / "run.json", {"run_id": run.run_id, "experiment": cfg.experiment,
+                                      "tracking_uri": tracking.tracking_uri(), "device": str(device),
+                                      "git_commit": commit, "data_hash": stats["content_hash"]})
+        run.log_artifact(tmp / "train_log.csv")

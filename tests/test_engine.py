@@ -110,34 +110,3 @@ def test_tutorial_apis(tiny_coco, tmp_path):
     assert top(both[0]) == pytest.approx(top(result), abs=1e-3)  # batching must not change the answer
     picture = show_result(image, result, score_thr=0.0, out_file=tmp_path / "shown.png")
     assert (tmp_path / "shown.png").stat().st_size > 0 and picture.size == (64, 64)
-
-
-def test_fcos_rejects_too_narrow_pyramid():
-    from detpipe.errors import DetpipeError
-
-    with pytest.raises(DetpipeError, match="model.fpn_channels: fcos needs a multiple of 32 of at least 64"):
-        build_model("fcos", "resnet18", 5, min_size=64, max_size=64, fpn_channels=32)
-
-
-@pytest.mark.parametrize("name, backbone", [("fasterrcnn", "resnet18"), ("retinanet", "resnet18"),
-                                            ("fasterrcnn", "mobilenet_v3_large"), ("ssdlite", "mobilenet_v3_large")])
-def test_every_architecture_trains_one_step_and_predicts(name, backbone):
-    torch.manual_seed(0)
-    model = build_model(name, backbone, 3, min_size=64, max_size=64, fpn_channels=64)
-    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
-    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
-    losses = model(images, targets)
-    sum(losses.values()).backward()
-    assert all(torch.isfinite(v) for v in losses.values())
-    model.eval()
-    with torch.no_grad():
-        out = model(images[:1])
-    assert set(out[0]) >= {"boxes", "scores", "labels"}
-
-
-def test_one_stage_models_refuse_mobilenet():
-    from detpipe.errors import DetpipeError
-
-    with pytest.raises(DetpipeError, match="retinanet needs a resnet backbone"):
-        build_model("retinanet", "mobilenet_v3_large", 3, min_size=64, max_size=64)

@@ -115,7 +115,7 @@ def test_snakemake_lint_is_clean():
     assert out.returncode == 0 and "Congratulations" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
-HEAVY = {"torch", "torchvision", "pycocotools", "matplotlib", "mlflow"}
+HEAVY = {"torch", "torchvision", "pycocotools", "matplotlib", "mlflow", "cv2"}
 
 
 def test_function_local_imports_are_only_for_heavy_libraries():

@@ -1,0 +1,371 @@
+"""detpipe.models: the small models exactly as before, every torchvision builder by name, weights by name (served
+here, never from the internet) or file, post-processing params passed through."""
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+
+import pytest
+import torch
+import torchvision
+
+from detpipe import config, models
+from detpipe.errors import DetpipeError
+from detpipe.models import ARCH_DEFAULT, BUILDERS, build_model, has_masks, load_checkpoint, load_weights
+from tests.conftest import ROOT
+
+SMALL_BUILDER = "ssdlite320_mobilenet_v3_large"  # the quickest builder with COCO weights (2-3 M parameters)
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def postprocess(model) -> tuple:
+    heads = getattr(model, "roi_heads", model)
+    return heads.score_thresh, heads.nms_thresh, heads.detections_per_img
+
+
+def one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- the small models: built exactly as before the builders and the post-processing keys were added ---------------
+
+# seed 0, 5 classes, min/max_size 128: digests of the state_dict and the post-processing of the construction
+# before this change (git fb648c1); the default params' fcos-resnet18-128 is among them, so its metrics cannot move
+BEFORE = [
+    ("fasterrcnn", "resnet18", 64, "187f5051e0a8ae9c", (0.05, 0.5, 100)),
+    ("maskrcnn", "resnet18", 64, "009d78325a3666b2", (0.05, 0.5, 100)),
+    ("retinanet", "resnet18", 64, "8b57dba8bf96bb86", (0.05, 0.5, 300)),
+    ("fcos", "resnet18", 128, "fadef766172dd029", (0.05, 0.6, 100)),
+    ("ssdlite", "mobilenet_v3_large", 64, "533e7747a958f184", (0.001, 0.55, 300)),
+    ("fasterrcnn", "mobilenet_v3_large", 64, "191fb02b41448d0e", (0.05, 0.5, 100)),
+]
+
+
+@pytest.mark.parametrize("name, backbone, fpn, expected, post", BEFORE)
+def test_small_models_are_built_as_before_with_the_default_params(name, backbone, fpn, expected, post):
+    defaults = {k: spec.default for k, spec in config.SCHEMA["model"].items() if spec.default is not config.REQUIRED}
+    assert defaults == {"weights": "", "score_thresh": -1.0, "nms_thresh": -1.0, "detections_per_img": -1}
+    torch.manual_seed(0)
+    model = build_model(name, backbone, 5, min_size=128, max_size=128, fpn_channels=fpn, **defaults)
+    assert digest(model) == expected and postprocess(model) == post
+    assert model.weights_not_loaded == []
+    size = (128, 128) if name == "ssdlite" else None
+    assert model.transform.fixed_size == size and (name == "ssdlite" or model.transform.min_size == (128,))
+
+
+def test_fcos_rejects_too_narrow_pyramid():
+    with pytest.raises(DetpipeError, match="model.fpn_channels: fcos needs a multiple of 32 of at least 64"):
+        build_model("fcos", "resnet18", 5, min_size=64, max_size=64, fpn_channels=32)
+
+
+@pytest.mark.parametrize("name, backbone", [("fasterrcnn", "resnet18"), ("retinanet", "resnet18"),
+                                            ("fasterrcnn", "mobilenet_v3_large"), ("ssdlite", "mobilenet_v3_large")])
+def test_every_architecture_trains_one_step_and_predicts(name, backbone):
+    torch.manual_seed(0)
+    model = build_model(name, backbone, 3, min_size=64, max_size=64, fpn_channels=64)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        out = model(images[:1])
+    assert set(out[0]) >= {"boxes", "scores", "labels"}
+
+
+def test_one_stage_models_refuse_mobilenet():
+    with pytest.raises(DetpipeError, match="retinanet needs a resnet backbone"):
+        build_model("retinanet", "mobilenet_v3_large", 3, min_size=64, max_size=64)
+
+
+# --- torchvision's builders by name -------------------------------------------------------------------------------
+
+def test_the_lists_agree():
+    assert config.ARCHITECTURES == models.ARCHITECTURES == models.SMALL + BUILDERS
+    assert [n for n in models.ARCHITECTURES if has_masks(n)] == ["maskrcnn", "maskrcnn_resnet50_fpn",
+                                                                 "maskrcnn_resnet50_fpn_v2"]
+    for name in BUILDERS:  # each is a torchvision builder with COCO weights, documented in docs/models.md
+        assert "COCO_V1" in torchvision.models.get_model_weights(name).__members__
+        assert f"`{name}`" in (ROOT / "docs/models.md").read_text()
+
+
+@pytest.mark.parametrize("name", BUILDERS)  # 0.1-2 s each on an idle 2-core CPU, ~5 s in all
+def test_every_builder_predicts(name):
+    torch.manual_seed(0)
+    model = build_model(name, "resnet18", 3, min_size=64, max_size=64)  # the backbone is ignored
+    assert model.weights_not_loaded == []
+    assert all(p.requires_grad for p in model.parameters())  # no weights: all trainable, as torchvision's
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, 64, 64)])
+    assert set(out[0]) >= {"boxes", "scores", "labels"} | ({"masks"} if has_masks(name) else set())
+    assert out[0]["boxes"].shape[1] == 4 and all(0 < label < 3 for label in out[0]["labels"].tolist())
+    ssd = {"ssd300_vgg16": 300, "ssdlite320_mobilenet_v3_large": 320}
+    expected = (ssd[name],) * 2 if name in ssd else None
+    assert model.transform.fixed_size == expected and (name in ssd or model.transform.min_size == (64,))
+
+
+@pytest.mark.parametrize("name, attrs", [
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", (0.05, 0.5, 100)),
+    (SMALL_BUILDER, (0.001, 0.55, 300)),
+    ("fasterrcnn", (0.05, 0.5, 100)),
+    ("fcos", (0.05, 0.6, 100)),
+    ("ssdlite", (0.001, 0.55, 300)),
+])
+def test_postprocessing_params_pass_through(name, attrs):
+    backbone = "mobilenet_v3_large" if name == "ssdlite" else "resnet18"
+    kw = {"min_size": 64, "max_size": 64, "fpn_channels": 64}
+    assert postprocess(build_model(name, backbone, 3, **kw)) == attrs  # -1: the architecture's default
+    model = build_model(name, backbone, 3, score_thresh=0.3, nms_thresh=0.4, detections_per_img=7, **kw)
+    assert postprocess(model) == (0.3, 0.4, 7)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("score_thresh", -0.5, "model.score_thresh must be -1 (the architecture's default) or from 0 to 1, got -0.5"),
+    ("nms_thresh", 1.5, "model.nms_thresh must be -1"),
+    ("detections_per_img", 0, "model.detections_per_img must be -1 (the architecture's default) or at least 1"),
+])
+def test_bad_postprocessing_values_are_one_line(key, value, message):
+    with pytest.raises(DetpipeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
+        build_model("fcos", "resnet18", 3, min_size=64, max_size=64, fpn_channels=64, **{key: value})
+    one_line(exc)
+
+
+def test_params_accept_builder_names_and_new_keys(tiny_params):
+    cfg = config.load(tiny_params)
+    assert (cfg.model.weights, cfg.model.score_thresh, cfg.model.nms_thresh, cfg.model.detections_per_img) == \
+        ("", ARCH_DEFAULT, ARCH_DEFAULT, ARCH_DEFAULT)
+    cfg = config.load(tiny_params, ["model.name=maskrcnn_resnet50_fpn", "model.weights=COCO_V1",
+                                    "model.score_thresh=0.3", "model.detections_per_img=50"])
+    assert cfg.model.name == "maskrcnn_resnet50_fpn" and cfg.model.weights == "COCO_V1"
+    with pytest.raises(DetpipeError, match="model.score_thresh must be at most 1"):
+        config.load(tiny_params, ["model.score_thresh=2"])
+
+
+# --- weights: by name (served on 127.0.0.1 as torchvision's URL would be), by file --------------------------------
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """torch's hub cache under tmp_path: ``<TORCH_HOME>/hub/checkpoints``."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{httpd.server_port}", httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def coco_like(builder=SMALL_BUILDER, seed=1):
+    """A 91-class (COCO's count) state_dict of ``builder`` with the layout torchvision's weights have."""
+    torch.manual_seed(seed)
+    return build_model(builder, "resnet18", 91, min_size=64, max_size=64, weights="COCO_V1", load=False).state_dict()
+
+
+def serve(www, base, state, stem="tiny_coco", digest_hex=None) -> str:
+    """Write ``state`` as torchvision names its files, ``<stem>-<sha256 prefix>.pth``; returns its URL."""
+    tmp = www / "tmp.pth"
+    torch.save(state, tmp)
+    name = f"{stem}-{digest_hex or hashlib.sha256(tmp.read_bytes()).hexdigest()[:10]}.pth"
+    tmp.rename(www / name)
+    return f"{base}/{name}"
+
+
+def fake_weights(monkeypatch, url, builder=SMALL_BUILDER):
+    """torchvision's weights enum of ``builder`` replaced by one whose COCO_V1 (and DEFAULT) is at ``url``."""
+    from torchvision.models import Weights, WeightsEnum
+
+    class Fake(WeightsEnum):
+        COCO_V1 = Weights(url=url, transforms=None, meta={"categories": [str(i) for i in range(91)]})
+        DEFAULT = COCO_V1
+
+    real = torchvision.models.get_model_weights
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda name: Fake if name == builder else real(name))
+
+
+def test_named_weights_download_once_with_their_hash_then_load_offline(hub, server, monkeypatch):
+    www, base, httpd = server
+    state = coco_like()
+    url = serve(www, base, state)
+    fake_weights(monkeypatch, url)
+    torch.manual_seed(0)
+    fresh = build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64)
+    torch.manual_seed(0)
+    model = build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64, weights="DEFAULT")
+    # 3 classes, not 91: the last conv of each level's classification head keeps its fresh initialisation
+    reinit = [f"head.classification_head.module_list.{i}.1.{p}" for i in range(6) for p in ("weight", "bias")]
+    assert model.weights_not_loaded == reinit
+    own, start = model.state_dict(), fresh.state_dict()
+    assert all(torch.equal(own[k], start[k]) for k in reinit)
+    assert all(torch.equal(own[k], state[k]) for k in own if k not in reinit)
+    assert [p.name for p in hub.iterdir()] == [url.rsplit("/", 1)[-1]]
+
+    httpd.shutdown()  # offline now: the cached file is used, its hash checked again
+    for path in www.iterdir():
+        path.unlink()
+    again = build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64, weights="COCO_V1")
+    assert all(torch.equal(v, own[k]) for k, v in again.state_dict().items() if k not in reinit)
+
+    cached = next(hub.iterdir())
+    cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(DetpipeError, match=r"model.weights: .*: cached weights are damaged .*delete the file") as exc:
+        build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64, weights="COCO_V1")
+    one_line(exc)
+
+
+def test_a_download_with_the_wrong_hash_is_refused_and_not_kept(hub, server, monkeypatch):
+    www, base, _ = server
+    url = serve(www, base, coco_like(), digest_hex="0123abcd")
+    fake_weights(monkeypatch, url)
+    model = build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64)
+    with pytest.raises(DetpipeError, match=r"tiny_coco-0123abcd.pth: the download does not match the sha256 in its "
+                                           r"name \(invalid hash value") as exc:
+        load_weights(model, "COCO_V1", SMALL_BUILDER)
+    one_line(exc)
+    assert list(hub.iterdir()) == []
+
+
+def test_no_server_is_one_line_naming_where_to_put_the_file(hub, monkeypatch):
+    fake_weights(monkeypatch, "http://127.0.0.1:9/none-0123abcd.pth")
+    with pytest.raises(DetpipeError, match=r"cannot download .*copy the file to .*checkpoints/none-0123abcd.pth") as e:
+        build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64, weights="COCO_V1")
+    one_line(e)
+
+
+@pytest.mark.parametrize("name, weights, message", [
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", "COCO_V2",
+     "model.weights: weights 'COCO_V2': unknown for fasterrcnn_mobilenet_v3_large_320_fpn; choose one of COCO_V1, "
+     "DEFAULT, or give the path of a weights file"),
+    ("fcos", "COCO_V1", "model.weights: weights 'COCO_V1': named weights are torchvision's, for a builder name"),
+    ("fcos", "nothing/here.pth", "model.weights: nothing/here.pth: weights file is missing"),
+])
+def test_bad_weights_names_are_one_line_before_anything_downloads(hub, name, weights, message):
+    with pytest.raises(DetpipeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
+        build_model(name, "resnet18", 3, min_size=64, max_size=64, fpn_channels=64, weights=weights)
+    one_line(exc)
+    assert not hub.exists()
+
+
+def test_weights_files_state_dicts_and_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("fcos", "resnet18", 5, min_size=64, max_size=64, fpn_channels=64)
+    torch.save(source.state_dict(), tmp_path / "raw.pth")
+    torch.save({"model": source.state_dict(), "meta": {"classes": ["a"] * 4}}, tmp_path / "model.pt")
+    for path in (tmp_path / "raw.pth", tmp_path / "model.pt"):
+        torch.manual_seed(1)
+        model = build_model("fcos", "resnet18", 3, min_size=64, max_size=64, fpn_channels=64)
+        not_loaded = load_weights(model, str(path), "fcos")
+        assert not_loaded == ["head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"]
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items() if k not in not_loaded)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p, good: p.write_bytes(good[: len(good) // 2]), "not a readable weights file"),
+    (lambda p, good: p.write_bytes(b"hello"), "not a readable weights file"),
+    (lambda p, good: torch.save({"epoch": 3}, p), "holds no state_dict"),
+    (lambda p, good: torch.save(build_model("ssdlite", "mobilenet_v3_large", 3, min_size=64, max_size=64).state_dict(),
+                                p), "weights of another architecture: .* of the model's .* tensors are not in them"),
+    (lambda p, good: torch.save({k: torch.zeros(2) for k in torch.load(p, weights_only=True)}, p),
+     "weights of another backbone or width: most of the model's 154 tensors have other shapes in them"),
+])
+def test_unusable_weights_files_are_one_line(tmp_path, damage, message):
+    model = build_model("fcos", "resnet18", 3, min_size=64, max_size=64, fpn_channels=64)
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path)
+    damage(path, path.read_bytes())
+    before = digest(model)
+    with pytest.raises(DetpipeError, match=message) as exc:
+        load_weights(model, str(path), "fcos")
+    assert one_line(exc).startswith(str(path)) and digest(model) == before
+
+
+# --- fine-tuning layout: what torchvision's builder does when it loads weights ------------------------------------
+
+@pytest.mark.parametrize("builder", [pytest.param(n, marks=pytest.mark.slow) if n == "ssd300_vgg16" else n
+                                     for n in BUILDERS])  # ~1 s each; SSD300's two VGG-16 builds take ~5 s
+def test_weights_give_torchvisions_pretrained_layout(builder, monkeypatch):
+    """FrozenBatchNorm2d (and its eps), frozen first stages: as torchvision's builder with weights=COCO_V1, whose
+    download is replaced by our own state_dict here."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    state = coco_like(builder)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: dict(state))
+    size = {} if builder.startswith("ssd") else {"min_size": 64, "max_size": 64}
+    theirs = torchvision.models.get_model(builder, weights="COCO_V1", **size)
+    ours = build_model(builder, "resnet18", 91, min_size=64, max_size=64, weights="COCO_V1", load=False)
+    ours.load_state_dict(state)
+
+    def layout(model):
+        return ([(n, type(m).__name__, getattr(m, "eps", None) if isinstance(m, FrozenBatchNorm2d) else None)
+                 for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+    assert layout(ours) == layout(theirs)
+    assert any(not p.requires_grad for p in ours.parameters()) != (builder == SMALL_BUILDER)
+    assert digest(ours) == digest(theirs)
+
+
+def test_fine_tuned_checkpoint_loads_without_its_weights(hub, server, monkeypatch, tmp_path):
+    """The train stage saves meta.model with model.weights; load_checkpoint rebuilds the same layout without the
+    weights (no download, the cache emptied) and predicts the same."""
+    www, base, _ = server
+    builder = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    url = serve(www, base, coco_like(builder), stem=builder)
+    fake_weights(monkeypatch, url, builder)
+    params = {"name": builder, "backbone": "resnet18", "fpn_channels": 256, "pretrained_backbone": False,
+              "min_size": 64, "max_size": 64, "weights": "COCO_V1", "score_thresh": 0.01, "nms_thresh": 0.5,
+              "detections_per_img": 20}
+    model = build_model(builder, "resnet18", 3, **{k: v for k, v in params.items() if k not in ("name", "backbone")})
+    assert model.weights_not_loaded == ["roi_heads.box_predictor.cls_score.weight",
+                                        "roi_heads.box_predictor.cls_score.bias",
+                                        "roi_heads.box_predictor.bbox_pred.weight",
+                                        "roi_heads.box_predictor.bbox_pred.bias"]
+    assert not any(p.requires_grad for p in model.backbone.body["0"].parameters())  # frozen first stage
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
+    sum(model(images, targets).values()).backward()  # one fine-tuning step's gradients: frozen parts get none
+    assert model.backbone.body["0"][0].weight.grad is None and model.roi_heads.box_predictor.cls_score.weight.grad \
+        is not None
+    torch.save({"model": model.state_dict(), "meta": {"model": params, "classes": ["a", "b"], "cat_ids": [1, 2]}},
+               tmp_path / "model.pt")
+    for path in hub.iterdir():
+        path.unlink()
+    loaded, meta = load_checkpoint(tmp_path / "model.pt")
+    assert list(hub.iterdir()) == [] and meta["classes"] == ["a", "b"] and postprocess(loaded) == (0.01, 0.5, 20)
+    with torch.no_grad():
+        assert torch.equal(loaded(images)[0]["boxes"], model.eval()(images)[0]["boxes"])
+
+
+def test_ssdlite_builder_with_an_imagenet_backbone_reloads(monkeypatch, tmp_path):
+    """torchvision builds SSDlite without its reduced tail when it loads an ImageNet backbone: load_checkpoint
+    rebuilds that shape (the ImageNet download is replaced by a state_dict of the right shape here)."""
+    imagenet = torchvision.models.mobilenet_v3_large().state_dict()
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: dict(imagenet))
+    params = {"name": SMALL_BUILDER, "backbone": "resnet18", "fpn_channels": 256, "pretrained_backbone": True,
+              "min_size": 64, "max_size": 64}
+    model = build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64, pretrained_backbone=True)
+    assert digest(model) != digest(build_model(SMALL_BUILDER, "resnet18", 3, min_size=64, max_size=64))
+    torch.save({"model": model.state_dict(), "meta": {"model": params, "classes": ["a", "b"], "cat_ids": [1, 2]}},
+               tmp_path / "model.pt")
+    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    assert digest(loaded) == digest(model)
