@@ -46,7 +46,7 @@ def test_missing_input_folders(tiny_params):
     cwd = tiny_params.parents[1]
     assert_one_line_error(run_stage("convert", cwd), "data/raw", "does not exist")
     assert_one_line_error(run_stage("train", cwd), "data/coco/train.json", "missing")
-    assert_one_line_error(run_stage("evaluate", cwd), "runs/train/model.pt", "missing")
+    assert_one_line_error(run_stage("evaluate", cwd), "data/coco/val.json", "missing")
     assert_one_line_error(run_stage("report", cwd), "data/coco", "missing")
     assert sorted(p.name for p in cwd.iterdir()) == ["params"]
 

@@ -44,6 +44,7 @@ def runs(cwd) -> list[tuple[str, str]]:
         return db.execute("select run_uuid, status from runs").fetchall()
 
 
+@pytest.mark.slow
 def test_a_killed_training_resumes_and_ends_as_an_uninterrupted_one(converted, tmp_path):
     args = ("--set", "train.epochs=6")
     whole = copy(converted, tmp_path / "whole")
@@ -77,6 +78,7 @@ def test_a_killed_training_resumes_and_ends_as_an_uninterrupted_one(converted, t
     assert not list(cut.glob(".detpipe/checkpoints/*"))  # removed after success
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_inputs_is_never_resumed(converted, tmp_path):
     cwd = copy(converted, tmp_path / "p")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -93,6 +95,7 @@ def test_a_checkpoint_of_other_inputs_is_never_resumed(converted, tmp_path):
         assert result.returncode == 0 and "resuming" not in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_best_checkpoint_and_early_stop(converted, tmp_path):
     cwd = copy(converted, tmp_path / "p")
     result = run_stage("train", cwd, "--set", "train.epochs=8", "--set", "train.best_metric=bbox_mAP50",
