@@ -1,7 +1,7 @@
 """A pipeline killed mid-training resumes under both tools and ends with the uninterrupted run's results.
 
 The whole Snakemake (or DVC) process group is killed with SIGKILL, as a power cut would; then Snakemake is
-restarted with the flag its docs ask for after such a crash (``--rerun-incomplete``) and DVC with a plain
+restarted as its messages ask after such a crash (``--unlock``, then ``--rerun-incomplete``) and DVC with a plain
 ``dvc repro``. The reference is the session's uninterrupted Snakemake run of the same tiny params.
 """
 
@@ -48,6 +48,7 @@ def test_killed_training_resumes_under_snakemake_and_dvc(pipeline_repo, tmp_path
     sh(repo, "git", "commit", "-qm", "tiny")
 
     kill_during_training(repo, str(BIN / "snakemake"), "--cores", "1", "report")
+    sh(repo, "snakemake", "--unlock")  # a killed Snakemake leaves its lock: its message asks for this
     out = sh(repo, "snakemake", "--cores", "1", "--rerun-incomplete", "report")
     assert "resuming from .detpipe/checkpoints/" in (repo / "logs/train.log").read_text(), out
     assert train_log(repo) == train_log(reference)
