@@ -164,3 +164,30 @@ def test_a_terminated_train_removes_its_temporary_output_and_marks_the_run_kille
     assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted; no output was written"
     assert not (cwd / "runs").exists() or list((cwd / "runs").iterdir()) == []
     assert [status for _, status in mlflow_runs(cwd)] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_any_checkpoint_on_any_split_without_mlflow(trained, tmp_path):
+    """The tutorial's tools/test.py: a model.pt from anywhere, scored on a chosen split, logged nowhere."""
+    import json
+
+    import torch
+
+    cwd = tmp_path / "p"
+    shutil.copytree(trained, cwd)
+    ckpt = torch.load(cwd / "runs/train/model.pt", weights_only=True)
+    torch.save(ckpt, tmp_path / "elsewhere.pt")
+    with sqlite3.connect(cwd / "mlflow.db") as db:
+        before = db.execute("select count(*) from metrics").fetchone()
+    result = run_stage("evaluate", cwd, "--checkpoint", str(tmp_path / "elsewhere.pt"), "--split", "train",
+                       "--out", "scored")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((cwd / "scored/metrics.json").read_text())
+    assert metrics["num_images"] == 8 and "mAP" in metrics["bbox"]  # the tiny train split
+    with sqlite3.connect(cwd / "mlflow.db") as db:
+        assert db.execute("select count(*) from metrics").fetchone() == before
+    ckpt["meta"]["classes"] = ["a", "b", "c", "d"]
+    torch.save(ckpt, tmp_path / "other_classes.pt")
+    assert_one_line_error(run_stage("evaluate", cwd, "--checkpoint", str(tmp_path / "other_classes.pt"),
+                                    "--out", "x"), "differ from the model's", "other_classes.pt")
+    assert not (cwd / "x").exists()
