@@ -12,6 +12,13 @@
 * ``result.masks``: for mask models, per class a list of ``HxW`` bool arrays, one per row of ``result[k]``;
   ``None`` for box-only models.
 
+The tutorial's notebook training, over the same code as the train stage::
+
+    cfg = load_config("params/detpipe.yaml", ["train.epochs=2"])
+    train_set = build_dataset(cfg, "train")            # a torch Dataset: (uint8 CHW image, target dict)
+    model = build_detector(cfg, len(train_set.class_names))
+    history = train_detector(cfg, out="runs/notebook")  # the train stage's run(): MLflow run, model.pt, logs
+
 A list of images gives a list of results, computed in one forward pass. ``await async_inference_detector(model,
 imgs)`` runs the same inference in a worker thread, so an event loop (a web server) stays responsive.
 """
@@ -26,10 +33,13 @@ import numpy as np
 from PIL import Image
 
 from detpipe import config as config_mod
+from detpipe import train as train_stage
+from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_path
 from detpipe.images import read_rgb
-from detpipe.models import build_model, load_checkpoint
+from detpipe.models import build_model, has_masks, load_checkpoint
+from detpipe.transforms import train_transforms
 from detpipe.visualize import draw
 
 MODEL_KEYS = ("name", "backbone", "min_size", "max_size", "fpn_channels")
@@ -188,3 +198,30 @@ def show_result(img, result: DetResult, score_thr: float = 0.3, out_file=None) -
         with atomic_path(out_file) as tmp:
             picture.save(tmp, format=Image.registered_extensions().get(out_file.suffix.lower(), "PNG"))
     return picture
+
+
+def load_config(path="params/detpipe.yaml", overrides: list[str] = ()) -> config_mod.Config:
+    """Params as the stages read them (validated, with ``cfg.data`` the dataset's registry entry)."""
+    return config_mod.load(Path(path), list(overrides))
+
+
+def build_dataset(cfg: config_mod.Config, split: str = "train", data_dir="data/coco",
+                  image_root="data/raw") -> CocoDetection:
+    """A converted split as a torch Dataset; the train split gets the training augmentation of ``cfg``."""
+    transforms = train_transforms(cfg.train.hflip, cfg.seed + 1) if split == "train" else None
+    return CocoDetection(Path(data_dir) / f"{split}.json", Path(image_root), with_masks=has_masks(cfg.model.name),
+                         transforms=transforms)
+
+
+def build_detector(cfg: config_mod.Config, num_classes: int):
+    """The model of ``cfg`` for ``num_classes`` object classes (the background class is added here)."""
+    m = cfg.model
+    return build_model(m.name, m.backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
+                       fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
+                       score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
+                       detections_per_img=m.detections_per_img, weights=m.weights)
+
+
+def train_detector(cfg: config_mod.Config, data_dir="data/coco", image_root="data/raw", out="runs/train") -> list[dict]:
+    """Train exactly as the train stage does (same checks, MLflow run, resume, outputs); returns the epoch log."""
+    return train_stage.run(cfg, Path(data_dir), Path(image_root), Path(out))

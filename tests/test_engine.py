@@ -110,3 +110,22 @@ def test_tutorial_apis(tiny_coco, tmp_path):
     assert top(both[0]) == pytest.approx(top(result), abs=1e-3)  # batching must not change the answer
     picture = show_result(image, result, score_thr=0.0, out_file=tmp_path / "shown.png")
     assert (tmp_path / "shown.png").stat().st_size > 0 and picture.size == (64, 64)
+
+
+def test_notebook_training_from_python(tiny_coco, tmp_path, monkeypatch):
+    """The tutorial's build_dataset / build_detector / train_detector, then inference on the result."""
+    from detpipe.apis import build_dataset, build_detector, load_config, train_detector
+    from tests.conftest import write_tiny_params
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(write_tiny_params(tmp_path), ["train.epochs=1"])
+    train_set = build_dataset(cfg, "train", tiny_coco / "coco", tiny_coco / "raw")
+    image, target = train_set[0]
+    assert image.dtype == torch.uint8 and image.shape[0] == 3 and target["boxes"].shape[1] == 4
+    model = build_detector(cfg, len(train_set.class_names))
+    assert model.head.classification_head.num_classes == 4 + 1
+    history = train_detector(cfg, tiny_coco / "coco", tiny_coco / "raw", tmp_path / "out")
+    assert [row["epoch"] for row in history] == [1]
+    detector = init_detector(tmp_path / "out/config.yaml", tmp_path / "out/model.pt")
+    assert len(inference_detector(detector, tiny_coco / "raw/val/val_00000.jpg")) == 4
