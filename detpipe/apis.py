@@ -208,7 +208,7 @@ def load_config(path="params/detpipe.yaml", overrides: list[str] = ()) -> config
 def build_dataset(cfg: config_mod.Config, split: str = "train", data_dir="data/coco",
                   image_root="data/raw") -> CocoDetection:
     """A converted split as a torch Dataset; the train split gets the training augmentation of ``cfg``."""
-    transforms = train_transforms(cfg.train.hflip, cfg.seed + 1) if split == "train" else None
+    transforms = train_transforms(cfg.train.hflip, cfg.seed + 1, cfg.train.scale_range) if split == "train" else None
     return CocoDetection(Path(data_dir) / f"{split}.json", Path(image_root), with_masks=has_masks(cfg.model.name),
                          transforms=transforms)
 

@@ -98,6 +98,10 @@ SCHEMA: dict[str, Any] = {
         "milestones": Key(list, "epochs after which multistep divides the learning rate by 10", [8, 11]),
         "clip_grad_norm": Key(float, "clip the gradients' total norm to this; 0 turns clipping off", 10.0, ge=0),
         "hflip": Key(float, "probability of a horizontal flip per training image", ge=0, le=1),
+        "scale_range": Key(list, "zoom each training image by a factor drawn from [low, high], keeping its size "
+                                 "(crop or pad); [1, 1]: off", [1.0, 1.0]),
+        "group_aspect_ratio": Key(bool, "batch images of like orientation (wide or tall) together: less padding",
+                                  False),
         "amp": Key(bool, "mixed precision on CUDA (ignored on the CPU)"),
         "amp_dtype": Key(("bfloat16", "float16"), "autocast type; float16 uses a gradient scaler", "bfloat16"),
         "num_workers": Key(int, "DataLoader worker processes", ge=0),
@@ -247,6 +251,11 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     milestones = data["train"]["milestones"]
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones):
         raise DetpipeError(f"{path}: train.milestones must be a list of epoch numbers (>= 1), got {milestones!r}")
+    scales = data["train"]["scale_range"]
+    if not (len(scales) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scales)
+            and 0 < scales[0] <= scales[1]):
+        raise DetpipeError(f"{path}: train.scale_range must be [low, high] with 0 < low <= high, got {scales!r}")
+    data["train"]["scale_range"] = [float(v) for v in scales]
     if data["model"]["max_size"] < data["model"]["min_size"]:
         raise DetpipeError(f"{path}: model.max_size ({data['model']['max_size']}) is less than model.min_size "
                            f"({data['model']['min_size']})")

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from detpipe.datasets import CocoDetection, collate
 from detpipe.errors import DetpipeError
@@ -52,12 +53,43 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of images from one group (wide or tall), in the order ``sampler`` draws them.
+
+    As torchvision's references do: fewer mixed batches means less padding. Each index comes exactly once per
+    epoch; the groups' incomplete batches are joined at the end.
+    """
+
+    def __init__(self, sampler, group_ids: list[int], batch_size: int):
+        self.sampler, self.group_ids, self.batch_size = sampler, group_ids, batch_size
+
+    def __iter__(self):
+        pending: dict[int, list[int]] = defaultdict(list)
+        for index in self.sampler:
+            group = pending[self.group_ids[index]]
+            group.append(index)
+            if len(group) == self.batch_size:
+                yield list(group)
+                group.clear()
+        rest = [i for g in sorted(pending) for i in pending[g]]
+        for start in range(0, len(rest), self.batch_size):
+            yield rest[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.group_ids) / self.batch_size)
+
+
 def train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, generator: torch.Generator,
-                 device: torch.device) -> torch.utils.data.DataLoader:
+                 device: torch.device, group_aspect_ratio: bool = False) -> torch.utils.data.DataLoader:
     """Shuffled batches in an order drawn from ``generator``; workers reseed the dataset's transforms."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
-        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
+    common = {"collate_fn": collate, "num_workers": num_workers, "pin_memory": device.type == "cuda",
+              "worker_init_fn": seed_worker}
+    if group_aspect_ratio:
+        groups = [int(img["width"] >= img["height"]) for img in dataset.images]
+        sampler = GroupedBatchSampler(torch.utils.data.RandomSampler(dataset, generator=generator), groups,
+                                      batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **common)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool = True) -> list[dict]:
@@ -118,12 +150,13 @@ def to_device(images, targets, device: torch.device):
 def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, epoch: int, *, amp: bool = False,
                     amp_dtype: torch.dtype = torch.bfloat16, scaler=None, clip_norm: float = 10.0,
                     first_iter: int = 0, total_iters: int | None = None, log_interval: int = 20, iter_log=None,
-                    log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+                    progress: bool = False, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """One pass over ``loader``; returns the epoch's log row (mean of each loss, last lr, images per second).
 
     ``first_iter`` counts the iterations of earlier epochs (for the ETA and ``iter_log``, a CSV file
     written one row per iteration). AMP runs on CUDA only; float16 needs a ``torch.amp.GradScaler``.
     ``clip_norm`` 0 turns clipping off. A NaN or infinite loss raises :class:`NonFiniteLoss` before any step.
+    ``progress`` shows a bar (iteration, loss, lr, ETA) instead of a log line every ``log_interval`` iterations.
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -131,6 +164,8 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     total = total_iters or first_iter + len(loader)
     sums, seen, it, epoch_start = defaultdict(float), 0, first_iter, time.time()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="it", file=sys.stderr, leave=False,
+               disable=not progress)
     for images, targets in loader:
         images, targets = to_device(list(images), list(targets), device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -154,9 +189,12 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
         lr = optimizer.param_groups[0]["lr"]
         if iter_log is not None:
             iter_log.write(f"{epoch},{it},{lr:.6g},{loss.item():.5f}\n")
-        if it % log_interval == 0 or it == total:
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}", refresh=False)
+        if not progress and (it % log_interval == 0 or it == total):
             eta = (time.time() - epoch_start) / (it - first_iter) * (total - it)  # at this epoch's pace
             log(f"epoch {epoch} iter {it}/{total} loss {loss.item():.3f} lr {lr:.4g} eta {eta:.0f}s")
+    bar.close()
     if iter_log is not None:
         iter_log.flush()
     n = len(loader)

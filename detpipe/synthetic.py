@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("circle", "square", "triangle", "cross")
+MORE_CLASSES = ("star", "hexagon", "diamond", "pentagon")  # for a second dataset with other classes
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -29,6 +30,16 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         pts = [(b, a), (b, b), (a, b), (a, -b), (b, -b), (b, -a),
                (-b, -a), (-b, -b), (-a, -b), (-a, b), (-b, b), (-b, a)]
         pts = [(x / math.hypot(a, b), y / math.hypot(a, b)) for x, y in pts]
+    # Kinds for other datasets than the default (e.g. shapes_b); the default's four above stay as they were.
+    elif kind == "star":  # five points, inner radius 0.45
+        pts = [(rad * math.cos(t), rad * math.sin(t))
+               for rad, t in zip([1.0, 0.45] * 5, np.arange(10) * math.pi / 5 - math.pi / 2)]
+    elif kind == "hexagon":
+        pts = [(math.cos(t), math.sin(t)) for t in np.arange(6) * math.pi / 3]
+    elif kind == "diamond":  # a rhombus, 0.6 as wide as it is tall: not a rotated square
+        pts = [(0.0, -1.0), (0.6, 0.0), (0.0, 1.0), (-0.6, 0.0)]
+    elif kind == "pentagon":
+        pts = [(math.cos(t), math.sin(t)) for t in np.arange(5) * 2 * math.pi / 5 - math.pi / 2]
     else:
         raise ValueError(f"unknown shape {kind!r}")
     c, s = math.cos(angle), math.sin(angle)

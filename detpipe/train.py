@@ -54,7 +54,7 @@ def _datasets(cfg: config.Config, data_dir: Path, image_root: Path) -> tuple[Coc
     stats = read_json_keys(data_dir / "stats.json", "conversion stats", ("content_hash",))
     masks = has_masks(cfg.model.name)
     train_set = CocoDetection(data_dir / "train.json", image_root, with_masks=masks,
-                              transforms=train_transforms(cfg.train.hflip, cfg.seed + 1))
+                              transforms=train_transforms(cfg.train.hflip, cfg.seed + 1, cfg.train.scale_range))
     val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=masks)
     if len(train_set) == 0:
         raise DetpipeError(f"{data_dir / 'train.json'}: the train split has no images")
@@ -164,7 +164,7 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
 
     # Seeded again after the model is built, so the data order does not depend on how many weights it drew.
     loader_gen = engine.seed_everything(cfg.seed)
-    loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device)
+    loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device, t.group_aspect_ratio)
     model.to(device)
     optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                        decay_norm_and_bias=t.decay_norm_and_bias)
@@ -190,7 +190,7 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
                 row = engine.train_one_epoch(
                     model, optimizer, scheduler, loader, device, epoch, amp=t.amp, amp_dtype=amp_dtype,
                     scaler=scaler, clip_norm=t.clip_grad_norm, first_iter=(epoch - 1) * len(loader),
-                    total_iters=total, log_interval=t.log_interval, iter_log=iter_log)
+                    total_iters=total, log_interval=t.log_interval, iter_log=iter_log, progress=sys.stderr.isatty())
                 if epoch % t.val_interval == 0 or epoch == t.epochs:
                     _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size)
                     for iou_type, result in evals.items():

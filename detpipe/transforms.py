@@ -58,9 +58,53 @@ class RandomHorizontalFlip:
         return image.flip(-1), target
 
 
-def train_transforms(hflip: float, seed: int) -> Compose:
-    """The training augmentation; its stream is seeded apart from the data order and weight init."""
-    return Compose([RandomHorizontalFlip(hflip, seed)])
+class RandomScale:
+    """Zoom by a factor drawn from ``[low, high]``, keeping the image's size: a larger image is cropped at a
+    random place, a smaller one is padded (right and bottom). Objects change size, which the model's own
+    resize to ``min_size`` would otherwise undo. Boxes are moved and clipped; those left under 2 px go, with
+    their labels and masks. ``low == high == 1`` draws nothing and changes nothing."""
+
+    def __init__(self, low: float, high: float, seed: int):
+        self.low, self.high = low, high
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def __call__(self, image, target):
+        if self.low == self.high == 1.0:
+            return image, target
+        u = torch.rand((), generator=self.generator).item()
+        factor = self.low + (self.high - self.low) * u
+        _, height, width = image.shape
+        new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+        resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
+                                                  align_corners=False)[0].round().clamp(0, 255).to(image.dtype)
+        x0 = int(torch.randint(0, new_w - width + 1, (), generator=self.generator)) if new_w > width else 0
+        y0 = int(torch.randint(0, new_h - height + 1, (), generator=self.generator)) if new_h > height else 0
+        out = torch.zeros_like(image)
+        crop = resized[:, y0:y0 + height, x0:x0 + width]
+        out[:, :crop.shape[1], :crop.shape[2]] = crop
+        target = dict(target)
+        scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
+        boxes = target["boxes"] * scale - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, min(width, new_w - x0))
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, min(height, new_h - y0))
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= 2) & ((boxes[:, 3] - boxes[:, 1]) >= 2)
+        target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
+        if "masks" in target:
+            masks = torch.nn.functional.interpolate(target["masks"][None].float(), size=(new_h, new_w),
+                                                    mode="nearest")[0].to(target["masks"].dtype)
+            out_masks = torch.zeros_like(target["masks"])
+            part = masks[:, y0:y0 + height, x0:x0 + width]
+            out_masks[:, :part.shape[1], :part.shape[2]] = part
+            target["masks"] = out_masks[keep]
+        return out, target
+
+
+def train_transforms(hflip: float, seed: int, scale_range: tuple[float, float] = (1.0, 1.0)) -> Compose:
+    """The training augmentation; each random transform has its own stream, seeded apart from the data order."""
+    return Compose([RandomHorizontalFlip(hflip, seed), RandomScale(*scale_range, seed + 1000)])
 
 
 def seed_worker(worker_id: int) -> None:

@@ -139,3 +139,65 @@ def test_optimizers_and_multistep_schedule():
     assert engine.lr_factor(9, 100, 10, "multistep", (20, 50)) == pytest.approx(0.001 + 0.999 * 0.9)
     assert [engine.lr_factor(i, 100, 10, "multistep", (20, 50)) for i in (19, 20, 50)] == \
         pytest.approx([1.0, 0.1, 0.01])
+
+
+def white_square_image(size=64, box=(10, 12, 30, 28)):
+    image = torch.zeros(3, size, size, dtype=torch.uint8)
+    x1, y1, x2, y2 = box
+    image[:, y1:y2, x1:x2] = 255
+    masks = (image[:1] > 0).to(torch.uint8)
+    return image, {"boxes": torch.tensor([list(map(float, box))]), "labels": torch.tensor([1]), "masks": masks}
+
+
+def drawn_box(image) -> list[int]:
+    ys, xs = torch.nonzero(image[0] > 127, as_tuple=True)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.75, 1.5, 2.0])
+def test_random_scale_moves_boxes_and_masks_with_the_pixels(factor):
+    from detpipe.transforms import RandomScale
+
+    image, target = white_square_image(box=(24, 26, 40, 38))  # central: some of it stays in any crop
+    for seed in range(5):
+        out, t = RandomScale(factor, factor, seed=seed)(image, target)
+        assert out.shape == image.shape and out.dtype == torch.uint8
+        box = t["boxes"][0].tolist()
+        assert drawn_box(out) == pytest.approx(box, abs=1.0)  # the box is where the square's pixels went
+        assert drawn_box(t["masks"][:1].expand(3, -1, -1) * 255) == pytest.approx(box, abs=1.0)
+        if factor < 1:  # padded, never cropped: the whole square, scaled
+            assert (box[2] - box[0], box[3] - box[1]) == pytest.approx((16 * factor, 12 * factor), abs=1.0)
+
+
+def test_random_scale_is_seeded_drops_boxes_cropped_away_and_is_off_at_one():
+    from detpipe.transforms import RandomScale
+
+    image, target = white_square_image(box=(0, 0, 20, 20))
+    noise = torch.randint(0, 256, image.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    runs = [RandomScale(1.2, 3.0, seed=s)(noise, target)[0] for s in (5, 5, 6)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    kept = [RandomScale(3.0, 3.0, seed=s)(image, target)[1] for s in range(20)]
+    assert {len(t["boxes"]) for t in kept} == {0, 1}  # a corner box survives some crops, not others
+    assert all(len(t["labels"]) == len(t["boxes"]) == len(t["masks"]) for t in kept)
+    off = RandomScale(1.0, 1.0, seed=0)
+    before = off.generator.get_state()
+    assert off(image, target)[0] is image and torch.equal(off.generator.get_state(), before)
+
+
+def test_grouped_batches_keep_orientations_apart_and_cover_every_image():
+    groups = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]
+    sampler = engine.GroupedBatchSampler(range(len(groups)), groups, batch_size=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(groups))) and len(batches) == len(sampler)
+    full = [b for b in batches if len({groups[i] for i in b}) == 1 and len(b) == 3]
+    assert len(full) == 3  # six of group 1 make two batches, five of group 0 make one; the rest are joined
+
+
+def test_scale_range_is_validated(tiny_params):
+    from detpipe import config
+    from detpipe.errors import DetpipeError
+
+    assert config.load(tiny_params, ["train.scale_range=[0.5, 2]"]).train.scale_range == [0.5, 2.0]
+    for bad in ("[2, 1]", "[0, 1]", "[1]", "[a, 1]"):
+        with pytest.raises(DetpipeError, match="train.scale_range must be"):
+            config.load(tiny_params, [f"train.scale_range={bad}"])
