@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from detpipe import distributed
 from detpipe.datasets import CocoDetection, collate
 from detpipe.errors import DetpipeError
 from detpipe.metrics import coco_evaluate
@@ -80,10 +81,19 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
 
 def train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, generator: torch.Generator,
-                 device: torch.device, group_aspect_ratio: bool = False) -> torch.utils.data.DataLoader:
-    """Shuffled batches in an order drawn from ``generator``; workers reseed the dataset's transforms."""
+                 device: torch.device, group_aspect_ratio: bool = False, world: distributed.World | None = None,
+                 seed: int = 0) -> torch.utils.data.DataLoader:
+    """Shuffled batches in an order drawn from ``generator``; workers reseed the dataset's transforms.
+
+    In a distributed training each process gets ``batch_size / world.size`` images of every batch, from a
+    DistributedSampler seeded with ``seed`` (call ``loader.sampler.set_epoch(epoch)`` before each epoch).
+    """
     common = {"collate_fn": collate, "num_workers": num_workers, "pin_memory": device.type == "cuda",
               "worker_init_fn": seed_worker}
+    if world is not None and world.active:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
+                                                      shuffle=True, seed=seed)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler, **common)
     if group_aspect_ratio:
         groups = [int(img["width"] >= img["height"]) for img in dataset.images]
         sampler = GroupedBatchSampler(torch.utils.data.RandomSampler(dataset, generator=generator), groups,
@@ -150,7 +160,8 @@ def to_device(images, targets, device: torch.device):
 def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, epoch: int, *, amp: bool = False,
                     amp_dtype: torch.dtype = torch.bfloat16, scaler=None, clip_norm: float = 10.0,
                     first_iter: int = 0, total_iters: int | None = None, log_interval: int = 20, iter_log=None,
-                    progress: bool = False, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+                    progress: bool = False, world: distributed.World | None = None,
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """One pass over ``loader``; returns the epoch's log row (mean of each loss, last lr, images per second).
 
     ``first_iter`` counts the iterations of earlier epochs (for the ETA and ``iter_log``, a CSV file
@@ -171,7 +182,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        if distributed.any_true(not torch.isfinite(loss), world or distributed.World()):  # every process stops
             raise NonFiniteLoss(loss.item(), it + 1, epoch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -22,7 +22,7 @@ PLUGINS = "workflow/formats"  # the project's own dataset formats (see docs/data
 LOGS = "logs"
 
 # Layers, lowest first: a module imports only from its own layer or below (tests/test_layers.py).
-CORE = ("errors", "files", "images", "synthetic", "archives", "formats", "formats.coco", "formats.kitti",
+CORE = ("errors", "files", "images", "distributed", "synthetic", "archives", "formats", "formats.coco", "formats.kitti",
         "formats.via", "formats.voc", "formats.yolo", "formats.middle", "conversion", "transforms", "datasets",
         "models", "metrics", "engine", "visualize", "cli")
 SERVICES = ("config", "tracking")
@@ -31,7 +31,7 @@ LAYERS = (CORE, SERVICES, STAGE_MODULES, ("pipeline",))
 
 _BASE = ("cli", "errors", "config", "files")  # every stage script parses flags and params the same way
 _FORMATS = ("formats", "formats.coco", "formats.kitti", "formats.via", "formats.voc", "formats.yolo")
-_MODEL = ("images", "transforms", "datasets", "metrics", "engine", "models", "tracking")
+_MODEL = ("images", "transforms", "datasets", "metrics", "distributed", "engine", "models", "tracking")
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,15 @@ class Run:
         self.client.set_terminated(self.run_id, status)
 
 
+class NoRun:
+    """Stands in for :class:`Run` on the processes of a distributed training other than rank 0: logs nothing."""
+
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def earlier_runs(experiment: str, root: Path = Path("."), limit: int = 20):
     """Recent runs of ``experiment`` as a DataFrame (params and metrics columns), newest first."""
     import mlflow

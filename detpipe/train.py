@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detpipe import config, engine, tracking
+from detpipe import config, distributed, engine, tracking
 from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_dir, atomic_torch_save, read_json_keys, write_json, write_text
@@ -44,7 +44,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _datasets(cfg: config.Config, data_dir: Path, image_root: Path) -> tuple[CocoDetection, CocoDetection, dict]:
+def _datasets(cfg: config.Config, data_dir: Path, image_root: Path,
+              rank: int = 0) -> tuple[CocoDetection, CocoDetection, dict]:
     """The train and val sets and ``stats.json``, or a one-line error about the first missing or unusable input."""
     for needed in (data_dir / "train.json", data_dir / "val.json", data_dir / "stats.json"):
         if not needed.is_file():
@@ -54,7 +55,7 @@ def _datasets(cfg: config.Config, data_dir: Path, image_root: Path) -> tuple[Coc
     stats = read_json_keys(data_dir / "stats.json", "conversion stats", ("content_hash",))
     masks = has_masks(cfg.model.name)
     train_set = CocoDetection(data_dir / "train.json", image_root, with_masks=masks,
-                              transforms=train_transforms(cfg.train.hflip, cfg.seed + 1, cfg.train.scale_range))
+                              transforms=train_transforms(cfg.train.hflip, cfg.seed + 1 + rank, cfg.train.scale_range))
     val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=masks)
     if len(train_set) == 0:
         raise DetpipeError(f"{data_dir / 'train.json'}: the train split has no images")
@@ -114,13 +115,38 @@ def _improved(row: dict, best: dict | None, metric: str) -> bool:
 
 
 def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list[dict]:
-    """Train the model of ``cfg`` on ``data_dir``'s train split; returns the per-epoch log."""
+    """Train the model of ``cfg`` on ``data_dir``'s train split; returns the per-epoch log.
+
+    Under ``torchrun`` every process runs this; rank 0 alone writes files and talks to MLflow.
+    """
     data_dir, image_root, out = Path(data_dir), Path(image_root), Path(out)
-    train_set, val_set, stats = _datasets(cfg, data_dir, image_root)
     device = engine.resolve_device(cfg.device)
+    world = distributed.init(device.type)
+    try:
+        if world.active:
+            _check_distributed(cfg, world)
+            if device.type == "cuda":
+                device = torch.device("cuda", world.local_rank)
+                torch.cuda.set_device(device)
+        return _train(cfg, data_dir, image_root, out, device, world)
+    finally:
+        distributed.shutdown(world)
+
+
+def _check_distributed(cfg: config.Config, world: distributed.World) -> None:
+    if cfg.train.batch_size % world.size:
+        raise DetpipeError(f"train.batch_size {cfg.train.batch_size} does not split over {world.size} processes; "
+                           "make it a multiple of the process count")
+    if cfg.train.group_aspect_ratio:
+        raise DetpipeError("train.group_aspect_ratio is not supported with several processes yet; set it to false")
+
+
+def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.device, world) -> list[dict]:
+    m, t = cfg.model, cfg.train
+    say = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if world.main else (lambda *a, **k: None)
+    train_set, val_set, stats = _datasets(cfg, data_dir, image_root, rank=world.rank)
     engine.set_threads(cfg.threads)
     engine.seed_everything(cfg.seed)
-    m, t = cfg.model, cfg.train
     model = build_model(m.name, m.backbone, len(train_set.cat_ids) + 1, min_size=m.min_size,
                         max_size=m.max_size, fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
                         score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
@@ -131,30 +157,33 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
         reinitialised = load_weights(model, t.load_from, m.name)
     source = t.load_from or m.weights
     if source:
-        print(f"weights from {source}: {len(reinitialised)} tensors re-initialised "
-              f"({', '.join(reinitialised) or 'none'})", file=sys.stderr)
+        names = ", ".join(reinitialised) or "none"
+        say(f"weights from {source}: {len(reinitialised)} tensors re-initialised ({names})")
     ckpt_dir = CHECKPOINTS / f"train-{resume_key(cfg, data_dir)[:16]}"
     state = _load_resume(ckpt_dir / "last.pt") if t.resume == "auto" else None
-    print(f"resolved config:\n{config.dump(cfg)}", file=sys.stderr)
+    say(f"resolved config:\n{config.dump(cfg)}", end="")
 
     # Everything a user can get wrong was checked above: only now is an MLflow run opened (or continued).
     commit = tracking.git_commit()
-    if state is not None:
+    run = tracking.NoRun()
+    if state is not None and world.main:
         try:
             run = tracking.Run.existing(state["run_id"], ckpt_dir / "last.pt")
         except DetpipeError as exc:  # the store was replaced: the run cannot continue, so neither can training
-            print(f"not resuming: {exc}", file=sys.stderr)
+            say(f"not resuming: {exc}")
             state = None
+    if distributed.any_true(state is None, world):  # every process starts afresh when rank 0 does
+        state = None
     if state is not None:
         run.reopen()
-        print(f"resuming from {ckpt_dir / 'last.pt'}: epoch {state['epoch']}/{t.epochs} done, "
-              f"MLflow run {run.run_id}", file=sys.stderr, flush=True)
-    else:
+        say(f"resuming from {ckpt_dir / 'last.pt'}: epoch {state['epoch']}/{t.epochs} done, MLflow run {run.run_id}")
+    elif world.main:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True)
         run = tracking.Run.start(cfg.experiment, run_name=f"{m.name}-{m.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
                                  tags={"git_commit": commit, "dataset": cfg.dataset,
-                                       "data_hash": stats["content_hash"], "device": str(device)})
+                                       "data_hash": stats["content_hash"], "device": str(device),
+                                       "processes": str(world.size)})
         run.log_params(config.flatten(config.dict_of(cfg)))
         if source:
             run.set_tag("reinitialised_layers", ", ".join(reinitialised)[:5000] or "none")
@@ -164,7 +193,8 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
 
     # Seeded again after the model is built, so the data order does not depend on how many weights it drew.
     loader_gen = engine.seed_everything(cfg.seed)
-    loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device, t.group_aspect_ratio)
+    loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device, t.group_aspect_ratio,
+                                 world=world, seed=cfg.seed)
     model.to(device)
     optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                        decay_norm_and_bias=t.decay_norm_and_bias)
@@ -179,48 +209,60 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], loader_gen, train_set)
+        if not world.active:  # rank 0's RNG states only: a distributed resume continues, but not bit for bit
+            _set_rng_state(state["rng"], loader_gen, train_set)
         history, best, stale, first_epoch = state["history"], state["best"], state["stale"], state["epoch"] + 1
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world.active else model
+    iter_log = open(ckpt_dir / "iter_log.csv", "r+") if world.main else None  # noqa: SIM115 (closed below)
     try:
-        with open(ckpt_dir / "iter_log.csv", "r+") as iter_log:
+        if iter_log is not None:
             if state is not None:  # rows of the epoch the crash cut short are dropped: it is trained again
                 iter_log.truncate(state["iter_log_bytes"])
             iter_log.seek(0, 2)
-            for epoch in range(first_epoch, t.epochs + 1):
-                row = engine.train_one_epoch(
-                    model, optimizer, scheduler, loader, device, epoch, amp=t.amp, amp_dtype=amp_dtype,
-                    scaler=scaler, clip_norm=t.clip_grad_norm, first_iter=(epoch - 1) * len(loader),
-                    total_iters=total, log_interval=t.log_interval, iter_log=iter_log, progress=sys.stderr.isatty())
-                if epoch % t.val_interval == 0 or epoch == t.epochs:
-                    _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size)
-                    for iou_type, result in evals.items():
-                        row[f"val_{iou_type}_mAP"] = result["stats"]["mAP"]
-                        row[f"val_{iou_type}_mAP50"] = result["stats"]["mAP50"]
-                    if t.best_metric != "last":
-                        if _improved(row, best, t.best_metric):
-                            best, stale = {"epoch": epoch, "value": row[f"val_{t.best_metric}"]}, 0
-                            atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
-                        else:
-                            stale += 1
-                history.append(row)
-                val = " ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("val_"))
-                print(f"epoch {epoch}/{t.epochs} done: loss {row['train_loss']:.3f} {val or '(not validated)'}",
-                      file=sys.stderr, flush=True)
-                run.log_metrics(row, step=epoch)
+        for epoch in range(first_epoch, t.epochs + 1):
+            if world.active:
+                loader.sampler.set_epoch(epoch)
+            row = engine.train_one_epoch(
+                trained, optimizer, scheduler, loader, device, epoch, amp=t.amp, amp_dtype=amp_dtype,
+                scaler=scaler, clip_norm=t.clip_grad_norm, first_iter=(epoch - 1) * len(loader),
+                total_iters=total, log_interval=t.log_interval, iter_log=iter_log,
+                progress=world.main and sys.stderr.isatty(), world=world,
+                log=say if world.main else (lambda msg: None))
+            if world.main and (epoch % t.val_interval == 0 or epoch == t.epochs):
+                _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size)
+                for iou_type, result in evals.items():
+                    row[f"val_{iou_type}_mAP"] = result["stats"]["mAP"]
+                    row[f"val_{iou_type}_mAP50"] = result["stats"]["mAP50"]
+                if t.best_metric != "last":
+                    if _improved(row, best, t.best_metric):
+                        best, stale = {"epoch": epoch, "value": row[f"val_{t.best_metric}"]}, 0
+                        atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
+                    else:
+                        stale += 1
+            history.append(row)
+            val = " ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("val_"))
+            say(f"epoch {epoch}/{t.epochs} done: loss {row['train_loss']:.3f} {val or '(not validated)'}")
+            run.log_metrics(row, step=epoch)
+            if world.main:
                 iter_log.flush()
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                    "epoch": epoch, "rng": _rng_state(loader_gen, train_set), "history": history,
                                    "best": best, "stale": stale, "run_id": run.run_id,
                                    "iter_log_bytes": iter_log.tell()}, ckpt_dir / "last.pt")
-                if t.early_stop and stale >= t.early_stop:
-                    print(f"early stop after epoch {epoch}: no better val {t.best_metric} in {stale} validations "
-                          f"(best {best['value']:.4f} at epoch {best['epoch']})", file=sys.stderr)
-                    break
-        _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, stats, device)
+            if distributed.any_true(bool(t.early_stop) and stale >= t.early_stop, world):
+                say(f"early stop after epoch {epoch}: no better val {t.best_metric} in {stale} validations "
+                    f"(best {best['value']:.4f} at epoch {best['epoch']})")
+                break
+        if iter_log is not None:
+            iter_log.close()
+        if world.main:
+            _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, stats, device)
+        distributed.barrier(world)
     except engine.NonFiniteLoss as exc:
         run.end("FAILED")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # nothing worth resuming: the same inputs diverge again
+        if world.main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # nothing worth resuming: the same inputs diverge again
         raise DetpipeError(f"train: {exc}; try a lower train.lr (now {t.lr:g}) or more train.warmup_iters, "
                            "and check the data's boxes") from None
     except KeyboardInterrupt:
@@ -229,8 +271,12 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
     except BaseException:
         run.end("FAILED")
         raise
+    finally:
+        if iter_log is not None and not iter_log.closed:
+            iter_log.close()
     run.end("FINISHED")  # evaluate and report still add their metrics and artifacts to this run
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if world.main:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return history
 
 
