@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -43,7 +44,8 @@ def main(fn: Callable[[], None]) -> None:
     try:
         fn()
     except DetpipeError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message held
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: rank 0 says it once
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message held
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)

@@ -105,6 +105,8 @@ SCHEMA: dict[str, Any] = {
         "amp": Key(bool, "mixed precision on CUDA (ignored on the CPU)"),
         "amp_dtype": Key(("bfloat16", "float16"), "autocast type; float16 uses a gradient scaler", "bfloat16"),
         "num_workers": Key(int, "DataLoader worker processes", ge=0),
+        "processes": Key(int, "training processes on this machine (torchrun, DistributedDataParallel): one per GPU, "
+                              "or several on the CPU", 1, ge=1),
         "log_interval": Key(int, "print loss and ETA every this many iterations", ge=1),
         "val_interval": Key(int, "validate every this many epochs (and after the last)", 1, ge=1),
         "best_metric": Key(("last", "bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50"),

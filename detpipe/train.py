@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -131,6 +132,15 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, out: Path) -> list
         return _train(cfg, data_dir, image_root, out, device, world)
     finally:
         distributed.shutdown(world)
+
+
+def launch_command(cfg: config.Config, argv: list[str]) -> list[str] | None:
+    """The torchrun command that reruns this stage script in ``train.processes`` processes; None when it is
+    one process or this already is one of them. Both tools run the same ``python stages/train.py ...``."""
+    if cfg.train.processes <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={cfg.train.processes}", *argv]
 
 
 def _check_distributed(cfg: config.Config, world: distributed.World) -> None:

@@ -3,6 +3,8 @@
 python stages/train.py --data data/coco --images data/raw --out runs/train
 """
 
+import os
+import sys
 from pathlib import Path
 
 from detpipe import cli, config, train
@@ -13,6 +15,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/train", help="output folder (default: %(default)s)")
     args = p.parse_args()
     cfg = config.load(args.params, args.overrides)
+    launch = train.launch_command(cfg, sys.argv)
+    if launch:  # train.processes > 1: the same script again, once per process, under torchrun
+        os.execv(launch[0], launch)
     train.run(cfg, Path(args.data), Path(args.images), Path(args.out))
 
 
