@@ -112,3 +112,15 @@ def pipeline_repo(tmp_path_factory):
     run = {"metrics": json.loads((repo / "runs/eval/metrics.json").read_text()),
            "run_id": json.loads((repo / "runs/train/run.json").read_text())["run_id"]}
     return repo, run
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory) -> Path:
+    """A tiny project where download and convert have run: train could start from here. Tests that write in a
+    project copy this one first (``shutil.copytree``); runs with bad params may use it as it is."""
+    cwd = tmp_path_factory.mktemp("converted")
+    write_tiny_params(cwd)
+    for stage in ("download", "convert"):
+        result = run_stage(stage, cwd)
+        assert result.returncode == 0, result.stderr
+    return cwd

@@ -29,17 +29,6 @@ def mlflow_runs(cwd: Path) -> list[tuple[str, str]]:
         return db.execute("select run_uuid, status from runs").fetchall()
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    """A tiny project where download and convert have run: train could start from here."""
-    cwd = tmp_path_factory.mktemp("converted")
-    write_tiny_params(cwd)
-    for stage in ("download", "convert"):
-        result = run_stage(stage, cwd)
-        assert result.returncode == 0, result.stderr
-    return cwd
-
-
 @pytest.mark.parametrize("override, fragments", [
     ("train.lr=[0.1", ("--set train.lr", "not valid YAML")),
     ("train.batch_size=0", ("train.batch_size must be at least 1, got 0",)),

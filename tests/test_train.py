@@ -15,17 +15,7 @@ import torch
 
 from detpipe import engine
 from detpipe.models import build_model
-from tests.conftest import ROOT, run_stage, write_tiny_params
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("train")
-    write_tiny_params(cwd)
-    for stage in ("download", "convert"):
-        result = run_stage(stage, cwd)
-        assert result.returncode == 0, result.stderr
-    return cwd
+from tests.conftest import ROOT, run_stage
 
 
 def copy(converted, dest) -> Path:
