@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -20,6 +21,43 @@ def test_synthetic_is_seeded(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     synthetic.generate(tmp_path / "c", **{**args, "seed": 8})
     assert (tmp_path / "c/train/train_00000.jpg").read_bytes() != (tmp_path / "a/train/train_00000.jpg").read_bytes()
+
+
+# sha256 of train/train_00000.jpg of the default dataset (params/datasets.yaml `synthetic`: 128 px, at most 4
+# objects, seed 0), taken before the kinds of MORE_CLASSES were added. The first image is drawn first, so
+# generating one image gives the same bytes as generating all 800 + 100.
+DEFAULT_FIRST_IMAGE_SHA256 = "f246e2373264ae1d2044f57d76d86333fdc74e2350fe532c08712c65f0a75399"
+
+
+def test_default_synthetic_bytes_unchanged(tmp_path):
+    synthetic.generate(tmp_path, num_train=1, num_val=1, image_size=128, max_objects=4, seed=0)
+    assert hashlib.sha256((tmp_path / "train/train_00000.jpg").read_bytes()).hexdigest() == DEFAULT_FIRST_IMAGE_SHA256
+
+
+@pytest.mark.parametrize("kind, corners", [("star", 10), ("hexagon", 6), ("diamond", 4), ("pentagon", 5)])
+def test_more_shape_kinds_generate_and_convert(tmp_path, kind, corners):
+    assert kind in synthetic.MORE_CLASSES and kind not in synthetic.CLASSES
+    synthetic.generate(tmp_path / "raw", num_train=3, num_val=1, image_size=64, max_objects=3, seed=0, classes=(kind,))
+    via = json.loads((tmp_path / "raw/train/via_region_data.json").read_text())
+    regions = [r for entry in via.values() for r in entry["regions"]]
+    assert regions and all(r["region_attributes"] == {"label": kind} for r in regions)
+    assert all(len(r["shape_attributes"]["all_points_x"]) == corners for r in regions)
+    stats = convert_dataset("via", tmp_path / "raw", tmp_path / "coco", [kind], min_box_size=2,
+                            splits={"train": "train", "val": "val"})
+    assert stats["splits"]["train"]["images"] == 3
+    coco = COCO(str(tmp_path / "coco/train.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [kind]
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        assert coco.annToMask(ann).sum() > 0
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0 and ann["area"] < w * h
+
+
+def test_diamond_is_a_rhombus_not_a_square():
+    xs, ys = zip(*synthetic._polygon("diamond", 0, 0, 1, 0))
+    assert (max(xs) - min(xs)) / (max(ys) - min(ys)) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="unknown shape"):
+        synthetic._polygon("ring", 0, 0, 1, 0)
 
 
 def test_converted_synthetic_loads_in_pycocotools(tiny_coco):
