@@ -110,7 +110,8 @@ def pipeline_repo(tmp_path_factory):
     sh(repo, "git", "commit", "-qm", "tiny")
     sh(repo, "snakemake", "--cores", "1", "report")
     run = {"metrics": json.loads((repo / "runs/eval/metrics.json").read_text()),
-           "run_id": json.loads((repo / "runs/train/run.json").read_text())["run_id"]}
+           "run_id": json.loads((repo / "runs/train/run.json").read_text())["run_id"],
+           "train_log": (repo / "runs/train/train_log.csv").read_text()}
     return repo, run
 
 
