@@ -57,6 +57,8 @@ SCHEMA: dict[str, Any] = {
     "device": Key(("auto", "cpu", "cuda"), "auto uses CUDA when present"),
     "threads": Key(int, "CPU threads for torch; 0 = every core (Snakemake would otherwise pin OMP to 1 thread)", ge=0),
     "dataset": Key(str, "name of an entry in params/datasets.yaml"),
+    "preset": Key(str, "a file of params/presets/ (without .yaml) whose keys replace this file's: a whole setup in "
+                       "one switch; \"\": none", ""),
     "download": {
         "retries": Key(int, "tries per archive after a dropped connection (resumed with HTTP Range)", ge=0),
         "max_unpacked_gb": Key(float, "refuse archives that unpack to more than this", gt=0),
@@ -247,6 +249,10 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise DetpipeError(f"{path}: expected a mapping of params")
+    chosen = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "preset"]
+    preset = chosen[-1] if chosen else data.get("preset") or ""
+    if preset:
+        _merge(data, read_preset(path.parent / PRESETS, preset))
     for item in overrides:
         apply_override(data, item)
     _validate(data, SCHEMA, str(path))
@@ -264,6 +270,42 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     registry_path = Path(datasets) if datasets else path.parent / DATASETS_FILE.name
     data["data"] = load_dataset_entry(registry_path, data["dataset"])
     return Config(data)
+
+
+PRESETS = "presets"  # beside the params file
+
+
+def read_preset(folder: Path, name: str) -> dict:
+    """A preset's params, every key checked against the schema (an error names the preset file)."""
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        hint = difflib.get_close_matches(name, known, n=1)
+        tip = f"did you mean {hint[0]}? " if hint else ""
+        raise DetpipeError(f"preset {name!r}: no file {path}; {tip}known: {', '.join(known) or 'none'}")
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict) or "preset" in data:
+        raise DetpipeError(f"{path}: a preset is a mapping of params (and cannot name another preset)")
+
+    def check(node: dict, schema: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if key not in schema:
+                raise DetpipeError(f"{path}: unknown key {prefix}{key}")
+            if isinstance(schema[key], dict):
+                if not isinstance(value, dict):
+                    raise DetpipeError(f"{path}: {prefix}{key} must be a mapping")
+                check(value, schema[key], f"{prefix}{key}.")
+
+    check(data, SCHEMA, "")
+    return data
+
+
+def _merge(base: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
 
 
 def load_dataset_entry(registry_path: Path, name: str) -> dict:

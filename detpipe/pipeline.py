@@ -15,8 +15,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
 PARAMS = "params/detpipe.yaml"
 DATASETS = "params/datasets.yaml"
+# A preset may set any key, so every stage reads the key that selects it and every preset file.
+PRESETS = tuple(sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "params/presets").glob("*.yaml")))
 RAW, COCO, TRAIN, EVAL, REPORT = "data/raw", "data/coco", "runs/train", "runs/eval", "reports/index.html"
 PLUGINS = "workflow/formats"  # the project's own dataset formats (see docs/datasets.md)
 LOGS = "logs"
@@ -72,23 +75,24 @@ def module_file(module: str) -> str:
     return (path / "__init__.py" if (ROOT / path).is_dir() else path.with_suffix(".py")).as_posix()
 
 
+_PRESET = dict.fromkeys(PRESETS)  # whole files
 EVAL_FILES = [f"{EVAL}/predictions.json", f"{EVAL}/per_class.csv"]
 STAGES = {s.name: s for s in [
     Stage("download", args={"out": RAW}, deps=[], outs=[RAW],
-          params={PARAMS: ["dataset", "download"], DATASETS: None},
+          params={PARAMS: ["preset", "dataset", "download"], DATASETS: None, **_PRESET},
           modules=(*_BASE, "archives", "synthetic", "download")),
     Stage("convert", args={"src": RAW, "formats": PLUGINS, "out": COCO}, deps=[RAW, PLUGINS], outs=[COCO],
-          params={PARAMS: ["dataset", "convert"], DATASETS: None},
+          params={PARAMS: ["preset", "dataset", "convert"], DATASETS: None, **_PRESET},
           modules=(*_BASE, *_FORMATS, "conversion", "convert")),
     Stage("train", args={"data": COCO, "images": RAW, "out": TRAIN}, deps=[RAW, COCO], outs=[TRAIN],
-          params={PARAMS: ["experiment", "seed", "device", "threads", "model", "train"]},
+          params={PARAMS: ["preset", "experiment", "seed", "device", "threads", "model", "train"], **_PRESET},
           modules=(*_BASE, *_MODEL, "train")),
     Stage("evaluate", args={"data": COCO, "images": RAW, "model": TRAIN, "out": EVAL}, deps=[RAW, COCO, TRAIN],
-          outs=EVAL_FILES, params={PARAMS: ["device", "threads", "evaluate"]},
+          outs=EVAL_FILES, params={PARAMS: ["preset", "device", "threads", "evaluate"], **_PRESET},
           modules=(*_BASE, *_MODEL, "evaluate"), metrics=[f"{EVAL}/metrics.json"]),
     Stage("report", args={"data": COCO, "images": RAW, "model": TRAIN, "eval": EVAL, "out": REPORT},
           deps=[RAW, COCO, TRAIN, *EVAL_FILES, f"{EVAL}/metrics.json"], outs=[REPORT],
-          params={PARAMS: ["experiment", "report"]},
+          params={PARAMS: ["preset", "experiment", "report"], **_PRESET},
           modules=(*_BASE, "images", "visualize", "tracking", "report")),
 ]}
 

@@ -83,3 +83,31 @@ def test_exponent_without_a_dot_is_a_number_for_float_keys(tiny_params):
     assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
     with pytest.raises(DetpipeError, match="train.epochs must be an integer, got '1e2'"):
         config.load(tiny_params, ["train.epochs=1e2"])
+
+
+def test_a_preset_replaces_the_files_keys_and_set_replaces_both(tiny_params):
+    import shutil
+
+    shutil.copytree(Path(__file__).parents[1] / "params/presets", tiny_params.parent / "presets")
+    cfg = config.load(tiny_params, ["preset=kitti_tiny_faster_rcnn"])
+    assert cfg.dataset == "kitti_tiny" and cfg.model.name == "fasterrcnn_resnet50_fpn" and cfg.train.lr == 0.0025
+    assert cfg.model.weights == "COCO_V1" and cfg.train.milestones == [8, 11]
+    assert cfg.train.momentum == 0.9 and cfg.report.num_samples == 2  # keys the preset leaves alone
+    assert cfg.data.format == "kitti"
+    cfg = config.load(tiny_params, ["preset=balloon_mask_rcnn", "train.lr=0.001"])
+    assert cfg.model.name == "maskrcnn_resnet50_fpn" and cfg.train.lr == 0.001
+    edit(tiny_params, lambda d: d.update(preset="balloon_mask_rcnn"))
+    assert config.load(tiny_params).dataset == "balloon"
+
+
+def test_bad_presets_are_one_line(tiny_params):
+    presets = tiny_params.parent / "presets"
+    presets.mkdir()
+    (presets / "mine.yaml").write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(DetpipeError, match=r"presets/mine.yaml: unknown key train.lrr"):
+        config.load(tiny_params, ["preset=mine"])
+    with pytest.raises(DetpipeError, match=r"preset 'mien': no file .*did you mean mine\? known: mine"):
+        config.load(tiny_params, ["preset=mien"])
+    (presets / "loop.yaml").write_text("preset: mine\n")
+    with pytest.raises(DetpipeError, match="cannot name another preset"):
+        config.load(tiny_params, ["preset=loop"])

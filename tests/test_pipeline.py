@@ -107,7 +107,9 @@ def test_config_lists_the_models_that_models_builds():
 
 def test_param_values_select_keys():
     values = param_values("train", ROOT)
-    assert set(values["params/detpipe.yaml"]) == {"experiment", "seed", "device", "threads", "model", "train"}
+    assert set(values["params/detpipe.yaml"]) == {"preset", "experiment", "seed", "device", "threads", "model", "train"}
+    assert set(values) == {"params/detpipe.yaml", "params/presets/balloon_mask_rcnn.yaml",
+                           "params/presets/kitti_tiny_faster_rcnn.yaml"}
 
 
 def test_snakemake_lint_is_clean():

@@ -25,6 +25,7 @@ PARAM_EDITS = {
     "device": (MODEL_STAGES, "cpu"),
     "threads": (MODEL_STAGES, 1),
     "dataset": ({"download", "convert"}, "kitti_tiny"),
+    "preset": (ALL, "kitti_tiny_faster_rcnn"),
     "download.retries": ({"download"}, 1),
     "convert.min_box_size": ({"convert"}, 3),
     "model.fpn_channels": ({"train"}, 96),
@@ -138,5 +139,17 @@ def test_the_dataset_registry_reruns_download_and_convert(repo):
     try:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         assert plans(repo, run) == (ALL, {"download", "convert"})
+    finally:
+        path.write_text(original)
+
+
+def test_a_preset_file_reruns_every_stage(repo):
+    """A preset may set any key, so each stage reads every preset file whole (selected or not)."""
+    repo, run = repo
+    path = repo / "params/presets/balloon_mask_rcnn.yaml"
+    original = path.read_text()
+    try:
+        path.write_text(original.replace("epochs: 12", "epochs: 13"))
+        assert plans(repo, run) == (ALL, ALL)
     finally:
         path.write_text(original)
