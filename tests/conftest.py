@@ -58,7 +58,7 @@ def tiny_params(tmp_path) -> Path:
 def run_stage(name: str, cwd: Path, *args: str, env=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=900)  # a hang fails, not stalls
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,15 @@
 """Distributed data parallel on the CPU (gloo): the same gradients as one process, and one run, one model."""
 
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from detpipe.models import build_model
-from tests.conftest import run_stage, write_tiny_params
+from tests.conftest import ROOT, run_stage, write_tiny_params
 
 WORLD = 2
 
@@ -41,8 +42,12 @@ def test_ddp_gradients_are_the_mean_of_each_shards_gradients(tmp_path):
     """DDP averages the processes' gradients: one process computing each shard's gradient and averaging them gets
     the same numbers. (Detection losses are normalised per shard, e.g. by its positives, so this is not the
     gradient of one loss over the 4 images at once; it is what DistributedDataParallel promises.)"""
+    # The two processes are spawned from a child interpreter with a time limit: a hung rendezvous fails the test
+    # instead of stalling the suite.
+    spawn = (f"import torch.multiprocessing as mp; from tests.test_distributed import worker; "
+             f"mp.spawn(worker, args=({str(tmp_path / 'store')!r}, {str(tmp_path / 'grads')!r}), nprocs={WORLD})")
+    subprocess.run([sys.executable, "-c", spawn], cwd=ROOT, check=True, timeout=300)
     torch.set_num_threads(1)
-    mp.spawn(worker, args=(str(tmp_path / "store"), str(tmp_path / "grads")), nprocs=WORLD, join=True)
     ddp = [torch.load(tmp_path / f"grads.{r}", weights_only=True) for r in range(WORLD)]
     model = tiny()
     reference = {}
