@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from detpipe import config as config_mod
+from detpipe import engine
 from detpipe import train as train_stage
 from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
@@ -54,22 +55,6 @@ class DetResult(list):
         super().__init__(per_class)
         self.class_names = list(class_names)
         self.masks = masks  # per class: list of HxW bool arrays, or None for box-only models
-
-
-def resolve_device(device):
-    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or a ``torch.device``; CUDA that is absent is a user error."""
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise DetpipeError(f"device: {device!r} requested but no CUDA device is available")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DetpipeError(f"device: unknown device {device!r}; use auto, cpu or cuda") from None
 
 
 def _model_spec(config) -> tuple[dict, list[str], str]:
@@ -103,7 +88,7 @@ def init_detector(config=None, checkpoint=None, device="cpu"):
     Without one, the model named in ``config`` is built for the classes of its dataset: untrained, or with the
     weights its model section names.
     """
-    dev = resolve_device(device)
+    dev = engine.resolve_device(device)
     if checkpoint is not None:
         model, meta = load_checkpoint(checkpoint, str(dev))
     else:

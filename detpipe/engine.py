@@ -39,12 +39,18 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(device) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda[:N]`` or a ``torch.device``; absent CUDA is a user error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DetpipeError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DetpipeError(f"device: {device!r} requested but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DetpipeError(f"device: unknown device {device!r}; use auto, cpu or cuda") from None
 
 
 def seed_everything(seed: int) -> torch.Generator:
