@@ -259,6 +259,8 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     milestones = data["train"]["milestones"]
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones):
         raise DetpipeError(f"{path}: train.milestones must be a list of epoch numbers (>= 1), got {milestones!r}")
+    if data["train"]["early_stop"] and data["train"]["best_metric"] == "last":
+        raise DetpipeError(f"{path}: train.early_stop needs a train.best_metric to watch (bbox_mAP, ...), not 'last'")
     scales = data["train"]["scale_range"]
     if not (len(scales) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scales)
             and 0 < scales[0] <= scales[1]):

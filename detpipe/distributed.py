@@ -7,6 +7,7 @@ rank 0 writes files and talks to MLflow. Without ``torchrun`` (or with one proce
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ def init(device_type: str) -> World:
         return World()
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # rank 0 validates and writes alone while the others wait: allow that much longer than NCCL's 10 minutes
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     return world
 
 

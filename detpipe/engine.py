@@ -99,7 +99,9 @@ def train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, gene
     if world is not None and world.active:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
                                                       shuffle=True, seed=seed)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler, **common)
+        rank_gen = torch.Generator().manual_seed(seed + world.rank)  # workers' seeds differ between ranks
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler,
+                                           generator=rank_gen, **common)
     if group_aspect_ratio:
         groups = [int(img["width"] >= img["height"]) for img in dataset.images]
         sampler = GroupedBatchSampler(torch.utils.data.RandomSampler(dataset, generator=generator), groups,

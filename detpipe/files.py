@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,9 +34,10 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     removed = []
     if not path.parent.is_dir():
         return removed
+    own = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")  # not those of "<name>.2" and the like
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        match = own.fullmatch(tmp.name)
+        if match is None or _alive(int(match.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()

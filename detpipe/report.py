@@ -64,14 +64,18 @@ def curves(history: list[dict]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [int(r["epoch"]) for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+
+    def points(key: str) -> tuple[list[int], list[float]]:  # epochs that were not validated have empty cells
+        rows = [(int(r["epoch"]), float(r[key])) for r in history if r.get(key) not in ("", None)]
+        return [e for e, _ in rows], [v for _, v in rows]
+
     for key in [k for k in history[0] if k.startswith("train_") and k != "train_img_per_s"]:
-        ax1.plot(epochs, [float(r[key]) for r in history], marker="o", label=key[6:])
+        ax1.plot(*points(key), marker="o", label=key[6:])
     ax1.set(xlabel="epoch", ylabel="loss", title="training losses")
     ax1.legend(fontsize=8)
     for key in [k for k in history[0] if k.startswith("val_")]:
-        ax2.plot(epochs, [float(r[key]) for r in history], marker="o", label=key[4:])
+        ax2.plot(*points(key), marker="o", label=key[4:])
     ax2.set(xlabel="epoch", ylabel="mAP", title="validation mAP", ylim=(0, 1))
     ax2.legend(fontsize=8)
     uri = _figure_uri(fig)

@@ -87,11 +87,14 @@ def _rng_state(loader_gen: torch.Generator, train_set: CocoDetection) -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]  # loadable weights_only
     return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
-            "loader": loader_gen.get_state(), "transforms": train_set.transforms.state()}
+            "loader": loader_gen.get_state(), "transforms": train_set.transforms.state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict, loader_gen: torch.Generator, train_set: CocoDetection) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():  # torchvision's proposal sampling draws on the GPU
+        torch.cuda.set_rng_state_all(state["cuda"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
@@ -184,47 +187,51 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
             state = None
     if distributed.any_true(state is None, world):  # every process starts afresh when rank 0 does
         state = None
-    if state is not None:
-        run.reopen()
-        say(f"resuming from {ckpt_dir / 'last.pt'}: epoch {state['epoch']}/{t.epochs} done, MLflow run {run.run_id}")
-    elif world.main:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        ckpt_dir.mkdir(parents=True)
-        run = tracking.Run.start(cfg.experiment, run_name=f"{m.name}-{m.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                 tags={"git_commit": commit, "dataset": cfg.dataset,
-                                       "data_hash": stats["content_hash"], "device": str(device),
-                                       "processes": str(world.size)})
-        run.log_params(config.flatten(config.dict_of(cfg)))
-        if source:
-            run.set_tag("reinitialised_layers", ", ".join(reinitialised)[:5000] or "none")
-        write_text(ckpt_dir / "config.yaml", config.dump(cfg))
-        run.log_artifact(ckpt_dir / "config.yaml")
-        (ckpt_dir / "iter_log.csv").write_text("epoch,iter,lr,loss\n")
+    iter_log = None
+    try:  # from here on, any failure ends the MLflow run (FAILED, or KILLED on Ctrl-C)
+        if state is not None:
+            run.reopen()
+            say(f"resuming from {ckpt_dir / 'last.pt'}: epoch {state['epoch']}/{t.epochs} done, "
+                f"MLflow run {run.run_id}")
+        elif world.main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            ckpt_dir.mkdir(parents=True)
+            run = tracking.Run.start(cfg.experiment, run_name=f"{m.name}-{m.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                     tags={"git_commit": commit, "dataset": cfg.dataset,
+                                           "data_hash": stats["content_hash"], "device": str(device),
+                                           "processes": str(world.size)})
+            run.log_params(config.flatten(config.dict_of(cfg)))
+            if source:
+                run.set_tag("reinitialised_layers", ", ".join(reinitialised)[:5000] or "none")
+            write_text(ckpt_dir / "config.yaml", config.dump(cfg))
+            run.log_artifact(ckpt_dir / "config.yaml")
+            (ckpt_dir / "iter_log.csv").write_text("epoch,iter,lr,loss\n")
 
-    # Seeded again after the model is built, so the data order does not depend on how many weights it drew.
-    loader_gen = engine.seed_everything(cfg.seed)
-    loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device, t.group_aspect_ratio,
-                                 world=world, seed=cfg.seed)
-    model.to(device)
-    optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                       decay_norm_and_bias=t.decay_norm_and_bias)
-    total = t.epochs * len(loader)
-    scheduler = engine.build_scheduler(optimizer, total, t.warmup_iters, t.lr_schedule,
-                                       [e * len(loader) for e in t.milestones])
-    amp_dtype = torch.float16 if t.amp_dtype == "float16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=t.amp and device.type == "cuda" and t.amp_dtype == "float16")
-    history, best, stale, first_epoch = [], None, 0, 1
-    if state is not None:  # model, optimizer, schedule, scaler, every RNG and the data order, as they were
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if not world.active:  # rank 0's RNG states only: a distributed resume continues, but not bit for bit
-            _set_rng_state(state["rng"], loader_gen, train_set)
-        history, best, stale, first_epoch = state["history"], state["best"], state["stale"], state["epoch"] + 1
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world.active else model
-    iter_log = open(ckpt_dir / "iter_log.csv", "r+") if world.main else None  # noqa: SIM115 (closed below)
-    try:
+        # Seeded again after the model is built, so the data order does not depend on how many weights it drew.
+        loader_gen = engine.seed_everything(cfg.seed)
+        loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device, t.group_aspect_ratio,
+                                     world=world, seed=cfg.seed)
+        model.to(device)
+        optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum,
+                                           weight_decay=t.weight_decay, decay_norm_and_bias=t.decay_norm_and_bias)
+        total = t.epochs * len(loader)
+        scheduler = engine.build_scheduler(optimizer, total, t.warmup_iters, t.lr_schedule,
+                                           [e * len(loader) for e in t.milestones])
+        amp_dtype = torch.float16 if t.amp_dtype == "float16" else torch.bfloat16
+        scaler = torch.amp.GradScaler(device.type, enabled=t.amp and device.type == "cuda" and t.amp_dtype == "float16")
+        history, best, stale, first_epoch = [], None, 0, 1
+        if state is not None:  # model, optimizer, schedule, scaler, every RNG and the data order, as they were
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            if not world.active:  # rank 0's RNG states only: a distributed resume continues, but not bit for bit
+                _set_rng_state(state["rng"], loader_gen, train_set)
+            history, best, stale, first_epoch = state["history"], state["best"], state["stale"], state["epoch"] + 1
+            if state.get("stopped"):  # it had stopped early: only its outputs were left to write
+                first_epoch = t.epochs + 1
+        trained = torch.nn.parallel.DistributedDataParallel(model) if world.active else model
+        iter_log = open(ckpt_dir / "iter_log.csv", "r+") if world.main else None  # noqa: SIM115 (closed below)
         if iter_log is not None:
             if state is not None:  # rows of the epoch the crash cut short are dropped: it is trained again
                 iter_log.truncate(state["iter_log_bytes"])
@@ -253,14 +260,15 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
             val = " ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("val_"))
             say(f"epoch {epoch}/{t.epochs} done: loss {row['train_loss']:.3f} {val or '(not validated)'}")
             run.log_metrics(row, step=epoch)
+            stop = distributed.any_true(bool(t.early_stop) and stale >= t.early_stop, world)
             if world.main:
                 iter_log.flush()
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                    "epoch": epoch, "rng": _rng_state(loader_gen, train_set), "history": history,
-                                   "best": best, "stale": stale, "run_id": run.run_id,
+                                   "best": best, "stale": stale, "stopped": stop, "run_id": run.run_id,
                                    "iter_log_bytes": iter_log.tell()}, ckpt_dir / "last.pt")
-            if distributed.any_true(bool(t.early_stop) and stale >= t.early_stop, world):
+            if stop:
                 say(f"early stop after epoch {epoch}: no better val {t.best_metric} in {stale} validations "
                     f"(best {best['value']:.4f} at epoch {best['epoch']})")
                 break

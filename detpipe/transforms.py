@@ -23,9 +23,9 @@ class Compose:
         return image, target
 
     def reseed(self, seed: int) -> None:
-        for t in self.transforms:
+        for i, t in enumerate(self.transforms):
             if hasattr(t, "reseed"):
-                t.reseed(seed)
+                t.reseed(seed + 1000 * i)  # each transform its own stream, as in train_transforms
 
     def state(self) -> list:
         return [t.generator.get_state() for t in self.transforms if hasattr(t, "generator")]
@@ -92,7 +92,7 @@ class RandomScale:
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, min(height, new_h - y0))
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 2) & ((boxes[:, 3] - boxes[:, 1]) >= 2)
         target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
-        if "masks" in target:
+        if "masks" in target and len(target["masks"]):
             masks = torch.nn.functional.interpolate(target["masks"][None].float(), size=(new_h, new_w),
                                                     mode="nearest")[0].to(target["masks"].dtype)
             out_masks = torch.zeros_like(target["masks"])

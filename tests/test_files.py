@@ -54,3 +54,10 @@ def test_a_failed_block_leaves_no_output_and_no_temporary(tmp_path):
         tmp.write_text("new")
         raise RuntimeError
     assert (tmp_path / "f").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_temporaries_of_a_similarly_named_output_are_not_touched(tmp_path):
+    other = tmp_path / ".train.2.999999.abc.tmp"  # the temporary of output "train.2", not of "train"
+    other.mkdir()
+    assert remove_stale_temporaries(tmp_path / "train") == []
+    assert other.exists()

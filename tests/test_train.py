@@ -191,3 +191,38 @@ def test_scale_range_is_validated(tiny_params):
     for bad in ("[2, 1]", "[0, 1]", "[1]", "[a, 1]"):
         with pytest.raises(DetpipeError, match="train.scale_range must be"):
             config.load(tiny_params, [f"train.scale_range={bad}"])
+
+
+def test_report_curves_skip_epochs_that_were_not_validated():
+    from detpipe.report import curves
+
+    history = [{"epoch": "1", "lr": "0.01", "train_loss": "2.0", "train_img_per_s": "3", "val_bbox_mAP": ""},
+               {"epoch": "2", "lr": "0.01", "train_loss": "1.5", "train_img_per_s": "3", "val_bbox_mAP": "0.25"}]
+    assert curves(history).startswith("data:image/png;base64,")
+
+
+def test_random_scale_keeps_an_empty_target_empty():
+    from detpipe.transforms import RandomScale
+
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, 20, 30, dtype=torch.uint8)}
+    out, t = RandomScale(0.5, 1.5, seed=0)(image, target)
+    assert out.shape == image.shape and t["masks"].shape == (0, 20, 30) and len(t["boxes"]) == 0
+
+
+def test_each_random_transform_gets_its_own_stream_when_reseeded():
+    from detpipe.transforms import train_transforms
+
+    transforms = train_transforms(0.5, 1, (0.5, 1.5))
+    transforms.reseed(7)
+    flip, scale = (t.generator.initial_seed() for t in transforms.transforms)
+    assert flip != scale
+
+
+def test_early_stop_needs_a_metric_to_watch(tiny_params):
+    from detpipe import config
+    from detpipe.errors import DetpipeError
+
+    with pytest.raises(DetpipeError, match="train.early_stop needs a train.best_metric"):
+        config.load(tiny_params, ["train.early_stop=2"])
