@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -125,3 +129,17 @@ def converted(tmp_path_factory) -> Path:
         result = run_stage(stage, cwd)
         assert result.returncode == 0, result.stderr
     return cwd
+
+
+@contextlib.contextmanager
+def serve_folder(root: Path):
+    """An HTTP server on 127.0.0.1 for the files in ``root``: yields ``(base_url, server)``; stopped afterwards."""
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,9 +2,6 @@
 here, never from the internet) or file, post-processing params passed through."""
 
 import hashlib
-import http.server
-import threading
-from functools import partial
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ import torchvision
 from detpipe import config, models
 from detpipe.errors import DetpipeError
 from detpipe.models import ARCH_DEFAULT, BUILDERS, build_model, has_masks, load_checkpoint, load_weights
-from tests.conftest import ROOT
+from tests.conftest import ROOT, serve_folder
 
 SMALL_BUILDER = "ssdlite320_mobilenet_v3_large"  # the quickest builder with COCO weights (2-3 M parameters)
 
@@ -167,13 +164,8 @@ def hub(tmp_path, monkeypatch):
 def server(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{httpd.server_port}", httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(root) as (base, httpd):
+        yield root, base, httpd
 
 
 def coco_like(builder=SMALL_BUILDER, seed=1):

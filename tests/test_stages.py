@@ -1,18 +1,15 @@
 """Stage scripts as a user runs them: bad input ends in one line, exit status 2, and no output."""
 
 import hashlib
-import http.server
 import json
 import shutil
-import threading
 import zipfile
-from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_stage
+from tests.conftest import ROOT, run_stage, serve_folder
 from tests.fixtures import make_image
 
 
@@ -108,12 +105,8 @@ def test_standalone_convert_errors(tmp_path):
 def http_root(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with serve_folder(root) as (base, _):
+        yield root, base
 
 
 def zip_folder(folder: Path, archive: Path) -> str:
