@@ -57,8 +57,8 @@ def main() -> None:
         print(f"{r['stage']:<10}{r['wall_s']:>8}{r['cpu_s']:>8}{r['peak_rss_mb']:>13}")
     print(f"{'total':<10}{total:>8}")
     for t in ("bbox", "segm"):
-        if t in metrics:
-            print(f"{t}: mAP {metrics[t]['mAP']:.3f}  mAP50 {metrics[t]['mAP50']:.3f}  mAP75 {metrics[t]['mAP75']:.3f}")
+        if f"{t}_mAP" in metrics:
+            print("  ".join(f"{t}_{k} {metrics[f'{t}_{k}']:.3f}" for k in ("mAP", "mAP_50", "mAP_75")))
     import torch
 
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),

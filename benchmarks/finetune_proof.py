@@ -12,7 +12,7 @@ file in the scratch folder), with the stage scripts and the current params:
 
 then evaluate 2 and 3 on ``shapes_b``'s val split. Prints a table, and writes the per-epoch val curves
 (``train_log.csv``), the final metrics and the load_from line the train stage printed as JSON, with a
-plot of the val mAP50 curves beside it (``--png``, default: the JSON's name with ``.png``).
+plot of the val bbox_mAP_50 curves beside it (``--png``, default: the JSON's name with ``.png``).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def plot(curves: dict[str, list[dict]], epochs: int, title: str, out: Path) -> N
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in zip(axes, ("val_bbox_mAP50", "val_bbox_mAP"), ("val bbox mAP50", "val bbox mAP")):
+    for ax, key, label in zip(axes, ("val/bbox_mAP_50", "val/bbox_mAP"), ("val bbox_mAP_50", "val bbox_mAP")):
         for name, style in (("scratch", "o-"), ("finetune", "s-")):
             rows = [r for r in curves[name] if key in r]
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], style,
@@ -134,8 +134,9 @@ def main() -> None:
             run(f"evaluate_{name}", "evaluate", "--data", "data/coco_b", "--images", "data/raw_b",
                 "--model", f"runs/{name}", "--out", f"runs/eval_{name}", *tgt)
         curves = {name: read_curve(root / f"runs/{name}/train_log.csv") for name in ("pretrain", "scratch", "finetune")}
-        metrics = {name: json.loads((root / f"runs/eval_{name}/metrics.json").read_text())["bbox"]
-                   for name in ("pretrain", "scratch", "finetune")}
+        metrics = {name: {k.removeprefix("bbox_"): v for k, v in
+                          json.loads((root / f"runs/eval_{name}/metrics.json").read_text()).items()
+                          if k.startswith("bbox_")} for name in ("pretrain", "scratch", "finetune")}
         loaded = [ln for ln in logs["finetune"].splitlines() if ln.startswith("weights from ")]
         if not loaded:
             sys.exit("the fine-tuning run printed no 'weights from …' line: load_from was not applied")
@@ -149,17 +150,18 @@ def main() -> None:
 
     epochs = len(curves["scratch"])
     print(f"\nval bbox on {TARGET} per epoch (scratch | fine-tuned):")
-    print(f"{'epoch':>5}  {'mAP':>7}{'mAP50':>8}  | {'mAP':>7}{'mAP50':>8}")
+    print(f"{'epoch':>5}  {'mAP':>7}{'mAP_50':>8}  | {'mAP':>7}{'mAP_50':>8}")
     nan = float("nan")
     for s, f in zip(curves["scratch"], curves["finetune"]):
-        print(f"{s['epoch']:>5}  {s.get('val_bbox_mAP', nan):>7.3f}{s.get('val_bbox_mAP50', nan):>8.3f}"
-              f"  | {f.get('val_bbox_mAP', nan):>7.3f}{f.get('val_bbox_mAP50', nan):>8.3f}")
+        print(f"{s['epoch']:>5}  {s.get('val/bbox_mAP', nan):>7.3f}{s.get('val/bbox_mAP_50', nan):>8.3f}"
+              f"  | {f.get('val/bbox_mAP', nan):>7.3f}{f.get('val/bbox_mAP_50', nan):>8.3f}")
     print(f"\nfinal evaluate stage ({TARGET} val, {epochs} epochs each; pretrain on synthetic val):")
     for name in ("pretrain", "scratch", "finetune"):
         m = metrics[name]
-        print(f"  {name:<9} mAP {m['mAP']:.3f}  mAP50 {m['mAP50']:.3f}  mAP75 {m['mAP75']:.3f}")
-    gain = {k: round(metrics["finetune"][k] - metrics["scratch"][k], 4) for k in ("mAP", "mAP50", "mAP75")}
-    print(f"  fine-tuned minus scratch: mAP {gain['mAP']:+.3f}  mAP50 {gain['mAP50']:+.3f}  mAP75 {gain['mAP75']:+.3f}")
+        print(f"  {name:<9} mAP {m['mAP']:.3f}  mAP_50 {m['mAP_50']:.3f}  mAP_75 {m['mAP_75']:.3f}")
+    gain = {k: round(metrics["finetune"][k] - metrics["scratch"][k], 4) for k in ("mAP", "mAP_50", "mAP_75")}
+    print(f"  fine-tuned minus scratch: mAP {gain['mAP']:+.3f}  mAP_50 {gain['mAP_50']:+.3f}  "
+          f"mAP_75 {gain['mAP_75']:+.3f}")
     print(f"  {loaded[0][:200]}{'…' if len(loaded[0]) > 200 else ''}")
     print(f"wall time: {wall:.0f} s")
 

@@ -6,7 +6,7 @@
 
 Works in a scratch copy of the project on a small generated dataset; each case runs the real stage scripts
 (`stages/download.py`, `convert.py`, `train.py`, `evaluate.py`) and reports exit status, the training speed of
-the last epoch, peak GPU memory where there is a GPU, and bbox mAP50. On the lent GPU machine, install the
+the last epoch, peak GPU memory where there is a GPU, and bbox_mAP_50. On the lent GPU machine, install the
 wheels of ../shared/gpu/fetch-wheels first (MLflow and pycocotools are not in its image).
 """
 
@@ -72,12 +72,12 @@ def main() -> None:
             if trained.returncode == 0:
                 with open(root / out / "train_log.csv") as f:
                     last = list(csv.DictReader(f))[-1]
-                row["img_per_s_last_epoch"] = round(float(last["train_img_per_s"]), 1)
+                row["img_per_s_last_epoch"] = round(float(last["train/img_per_s"]), 1)
                 row["device"] = json.loads((root / out / "run.json").read_text())["device"]
                 evaluated = run([py, "stages/evaluate.py", "--model", out, "--out", f"{out}-eval", *common], root, env)
                 row["evaluate_exit"] = evaluated.returncode
                 if evaluated.returncode == 0:
-                    row["bbox_mAP50"] = json.loads((root / f"{out}-eval/metrics.json").read_text())["bbox"]["mAP50"]
+                    row["bbox_mAP_50"] = json.loads((root / f"{out}-eval/metrics.json").read_text())["bbox_mAP_50"]
             else:
                 row["error"] = trained.stderr.strip().splitlines()[-1:] or ["(no output)"]
             results.append(row)
@@ -86,10 +86,10 @@ def main() -> None:
 
     machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    print(f"\n{'case':<18}{'train':>7}{'s':>8}{'img/s':>8}{'eval':>6}{'mAP50':>8}")
+    print(f"\n{'case':<18}{'train':>7}{'s':>8}{'img/s':>8}{'eval':>6}{'mAP_50':>8}")
     for r in results:
         print(f"{r['case']:<18}{r['train_exit']:>7}{r['train_s']:>8}{r.get('img_per_s_last_epoch', '-'):>8}"
-              f"{r.get('evaluate_exit', '-'):>6}{r.get('bbox_mAP50', float('nan')):>8.3f}")
+              f"{r.get('evaluate_exit', '-'):>6}{r.get('bbox_mAP_50', float('nan')):>8.3f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "device": args.device, "results": results}, indent=1))
     sys.exit(0 if all(r["train_exit"] == 0 and r.get("evaluate_exit") == 0 for r in results) else 1)

@@ -10,7 +10,9 @@
   the checkpoint; ``n`` may be 0), boxes in the input image's pixels;
 * ``result.class_names``: the names of those classes;
 * ``result.masks``: for mask models, per class a list of ``HxW`` bool arrays, one per row of ``result[k]``;
-  ``None`` for box-only models.
+  ``None`` for box-only models;
+* ``result.seconds``, ``result.batch_size`` and ``result.fps``: the wall time of the call that made it (its
+  whole batch: tensors, forward pass, results back on the host), the images in that batch, and their ratio.
 
 The tutorial's notebook training, over the same code as the train stage::
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +52,20 @@ OPTIONAL_MODEL_KEYS = ("score_thresh", "nms_thresh", "detections_per_img", "weig
 
 
 class DetResult(list):
-    """Per-class ``(n, 5)`` box arrays (a list, as in mmdetection) that also knows its class names."""
+    """Per-class ``(n, 5)`` box arrays (a list, as in mmdetection) that also knows its class names, and how long
+    the inference that made it took."""
 
-    def __init__(self, per_class, class_names, masks=None):
+    def __init__(self, per_class, class_names, masks=None, seconds: float | None = None, batch_size: int = 1):
         super().__init__(per_class)
         self.class_names = list(class_names)
         self.masks = masks  # per class: list of HxW bool arrays, or None for box-only models
+        self.seconds = seconds  # the whole batch's inference
+        self.batch_size = batch_size
+
+    @property
+    def fps(self) -> float | None:
+        """Images per second of the batch this result came in (None when not timed)."""
+        return self.batch_size / self.seconds if self.seconds else None
 
 
 def _model_spec(config) -> tuple[dict, list[str], str]:
@@ -119,7 +130,8 @@ def _as_pil(img) -> Image.Image:
 def inference_detector(model, imgs):
     """Detect objects in one image or a list (paths, PIL images or RGB arrays); a list gives a list back.
 
-    A list runs as one batch (one forward pass); images of different sizes may be mixed.
+    A list runs as one batch (one forward pass); images of different sizes may be mixed. Each result carries
+    the batch's timing: ``seconds`` (from the decoded pictures to results on the host), ``batch_size``, ``fps``.
     """
     import torch
 
@@ -127,6 +139,7 @@ def inference_detector(model, imgs):
     images = [_as_pil(i) for i in ([imgs] if single else imgs)]
     if not images:
         return []
+    started = time.perf_counter()
     tensors = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div(255).to(model.device)
                for im in images]
     with torch.no_grad():  # grad mode is per thread: this holds in async_inference_detector's worker too
@@ -144,6 +157,9 @@ def inference_detector(model, imgs):
             binary = (out["masks"][:, 0] > 0.5).cpu().numpy()
             masks = [list(binary[labels == k]) for k in range(len(names))]
         results.append(DetResult(per_class, names, masks))
+    seconds = time.perf_counter() - started  # the outputs are on the host: a GPU has finished
+    for result in results:
+        result.seconds, result.batch_size = seconds, len(results)
     return results[0] if single else results
 
 

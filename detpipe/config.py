@@ -107,11 +107,23 @@ SCHEMA: dict[str, Any] = {
         "amp": Key(bool, "mixed precision on CUDA (ignored on the CPU)"),
         "amp_dtype": Key(("bfloat16", "float16"), "autocast type; float16 uses a gradient scaler", "bfloat16"),
         "num_workers": Key(int, "DataLoader worker processes", ge=0),
+        # Speed levers (docs/training.md, "GPU speed"): none changes what is trained beyond float rounding.
+        "deferred_sync": Key(bool, "read the losses from the device only every log_interval iterations and at "
+                                   "epoch end (no GPU sync per iteration); a NaN loss is caught there", True),
+        "cudnn_benchmark": Key(bool, "cuDNN times its algorithms per input shape: faster for fixed shapes, slower "
+                                     "for changing ones (Mask R-CNN)", False),
+        "channels_last": Key(bool, "keep convolution weights NHWC (channels last)", False),
+        "compile": Key(bool, "torch.compile the backbone with its FPN (slow to start; slower on the CPU)", False),
+        "fused_optimizer": Key(bool, "fused optimizer step where torch has one for the device, else foreach", False),
+        "pin_memory": Key(bool, "pin loaded batches in memory for faster copies to CUDA (ignored on the CPU)", True),
+        "prefetch_factor": Key(int, "batches each DataLoader worker loads ahead (with num_workers > 0)", 2, ge=1),
+        "persistent_workers": Key(bool, "keep DataLoader workers between epochs (with num_workers > 0)", False),
+        "gpu_decode": Key(bool, "decode JPEGs on the GPU with nvJPEG in the training loop (device cuda only)", False),
         "processes": Key(int, "training processes on this machine (torchrun, DistributedDataParallel): one per GPU, "
                               "or several on the CPU", 1, ge=1),
         "log_interval": Key(int, "print loss and ETA every this many iterations", ge=1),
         "val_interval": Key(int, "validate every this many epochs (and after the last)", 1, ge=1),
-        "best_metric": Key(("last", "bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50"),
+        "best_metric": Key(("last", "bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50"),
                            "model.pt is the epoch best by this val metric; last: the final epoch", "last"),
         "early_stop": Key(int, "stop after this many validations without a better best_metric; 0: never", 0, ge=0),
         "load_from": Key(str, "fine-tune: weights only, from a checkpoint file or a weights name; \"\": none", ""),
@@ -121,6 +133,9 @@ SCHEMA: dict[str, Any] = {
     "evaluate": {
         "batch_size": Key(int, "images per inference batch", ge=1),
         "score_thr": Key(float, "detections below this score are not saved", ge=0, le=1),
+        "backend": Key(("ultrafast", "pycocotools"), "library scoring COCOeval, here and in train's validation: "
+                                                     "ultrafast-pycocotools (same numbers, much faster) or "
+                                                     "pycocotools", "ultrafast"),
     },
     "report": {
         "num_samples": Key(int, "val images drawn with predictions beside ground truth", ge=0),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from detpipe.files import read_json
 from detpipe.images import ann_mask, read_rgb
@@ -15,13 +17,18 @@ class CocoDetection(torch.utils.data.Dataset):
     """Images from ``image_root``; model labels are 1..K in the order of the file's categories.
 
     ``transforms`` is an ``(image, target)`` callable applied to each item (see :mod:`detpipe.transforms`).
+    With ``encoded`` (``train.gpu_decode``), a plain JPEG (RGB or grayscale, no EXIF rotation) comes as its file's
+    bytes, a 1-D uint8 tensor, with its target not yet transformed: :func:`decode_on_device` finishes both in
+    the training loop. Other images are decoded here, as without it.
     """
 
-    def __init__(self, coco_file: Path, image_root: Path, with_masks: bool = False, transforms=None):
+    def __init__(self, coco_file: Path, image_root: Path, with_masks: bool = False, transforms=None,
+                 encoded: bool = False):
         self.coco = read_json(coco_file, "COCO file")
         self.image_root = Path(image_root)
         self.with_masks = with_masks
         self.transforms = transforms
+        self.encoded = encoded
         self.cat_ids = [c["id"] for c in self.coco["categories"]]
         self.class_names = [c["name"] for c in self.coco["categories"]]
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
@@ -36,8 +43,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         info = self.images[index]
-        image = read_rgb(self.image_root / info["file_name"])
-        image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        path = self.image_root / info["file_name"]
+        encoded = self.encoded and _plain_jpeg(path)
+        if encoded:
+            image = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        else:
+            image = torch.from_numpy(np.asarray(read_rgb(path)).copy()).permute(2, 0, 1)
         anns = self.anns[info["id"]]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -51,9 +62,35 @@ class CocoDetection(torch.utils.data.Dataset):
             for i, ann in enumerate(anns):
                 masks[i] = ann_mask(ann, info["height"], info["width"])
             target["masks"] = torch.from_numpy(masks)
-        if self.transforms is not None:
+        if self.transforms is not None and not encoded:
             image, target = self.transforms(image, target)
         return image, target
+
+
+def _plain_jpeg(path: Path) -> bool:
+    """A JPEG that nvJPEG decodes to what :func:`read_rgb` gives: RGB or grayscale, not rotated by EXIF."""
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+    except OSError:
+        return False  # read_rgb gives the one-line error
+
+
+def decode_on_device(images: list, targets: list, device, transforms=None) -> tuple[list, list]:
+    """Decode the encoded JPEGs among ``images`` on ``device`` (nvJPEG on CUDA, in one batch) and apply
+    ``transforms`` to them there; images decoded by the dataset pass unchanged."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    at = [i for i, im in enumerate(images) if im.dim() == 1]
+    if not at:
+        return images, targets
+    images, targets = list(images), list(targets)
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = decode_jpeg([images[i] for i in at], mode=ImageReadMode.RGB, device=device)
+    for i, image in zip(at, decoded):
+        images[i], targets[i] = transforms(image, targets[i]) if transforms is not None else (image, targets[i])
+    return images, targets
 
 
 def collate(batch):

@@ -16,10 +16,11 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # what fused=True takes
 from tqdm import tqdm
 
 from detpipe import distributed
-from detpipe.datasets import CocoDetection, collate
+from detpipe.datasets import CocoDetection, collate, decode_on_device
 from detpipe.errors import DetpipeError
 from detpipe.metrics import coco_evaluate
 from detpipe.transforms import seed_worker
@@ -88,14 +89,19 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
 def train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, generator: torch.Generator,
                  device: torch.device, group_aspect_ratio: bool = False, world: distributed.World | None = None,
-                 seed: int = 0) -> torch.utils.data.DataLoader:
+                 seed: int = 0, *, pin_memory: bool = True, prefetch_factor: int = 2,
+                 persistent_workers: bool = False) -> torch.utils.data.DataLoader:
     """Shuffled batches in an order drawn from ``generator``; workers reseed the dataset's transforms.
 
     In a distributed training each process gets ``batch_size / world.size`` images of every batch, from a
     DistributedSampler seeded with ``seed`` (call ``loader.sampler.set_epoch(epoch)`` before each epoch).
+    ``pin_memory`` pins batches for CUDA (ignored on the CPU); ``prefetch_factor`` (batches loaded ahead per
+    worker) and ``persistent_workers`` (workers kept between epochs) apply with ``num_workers`` > 0 only.
     """
-    common = {"collate_fn": collate, "num_workers": num_workers, "pin_memory": device.type == "cuda",
+    common = {"collate_fn": collate, "num_workers": num_workers, "pin_memory": pin_memory and device.type == "cuda",
               "worker_init_fn": seed_worker}
+    if num_workers:
+        common.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
     if world is not None and world.active:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
                                                       shuffle=True, seed=seed)
@@ -124,13 +130,44 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and
 
 
 def build_optimizer(model: torch.nn.Module, name: str = "sgd", *, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 0.0, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+                    weight_decay: float = 0.0, decay_norm_and_bias: bool = True,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the model's trainable parameters (build it after ``model.to(device)``).
+
+    ``fused``: one fused kernel per step where torch has one for the parameters' device, else the multi-tensor
+    (``foreach``) implementation; off, torch picks its default.
+    """
     groups = parameter_groups(model, weight_decay, decay_norm_and_bias)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}")
+        make = lambda **kw: torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **kw)
+    elif name == "sgd":
+        make = lambda **kw: torch.optim.SGD(groups, lr=lr, momentum=momentum, **kw)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
+    if not fused:
+        return make()
+    params = [p for group in groups for p in group["params"]]
+    supported = _get_fused_kernels_supported_devices()
+    if all(p.device.type in supported and torch.is_floating_point(p) for p in params):
+        return make(fused=True)
+    return make(foreach=True)
+
+
+def speed_up(model: torch.nn.Module, *, channels_last: bool = False, compile: bool = False,
+             cudnn_benchmark: bool = False) -> torch.nn.Module:
+    """The training speed levers of docs/training.md, applied to ``model`` in place (after ``model.to(device)``).
+
+    ``channels_last`` stores 4-D weights NHWC (faster convolutions on tensor cores); ``compile`` compiles the
+    backbone (with its FPN) with ``torch.compile``, in place, so the state dict keeps its keys;
+    ``cudnn_benchmark`` lets cuDNN time its algorithms per input shape (set for the whole process; slower for
+    models with changing shapes, such as Mask R-CNN).
+    """
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.backbone.compile()
+    return model
 
 
 def lr_factor(it: int, total: int, warmup: int, schedule: str, milestones: tuple[int, ...] = ()) -> float:
@@ -168,29 +205,59 @@ def to_device(images, targets, device: torch.device):
 def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, epoch: int, *, amp: bool = False,
                     amp_dtype: torch.dtype = torch.bfloat16, scaler=None, clip_norm: float = 10.0,
                     first_iter: int = 0, total_iters: int | None = None, log_interval: int = 20, iter_log=None,
-                    progress: bool = False, world: distributed.World | None = None,
+                    progress: bool = False, world: distributed.World | None = None, deferred_sync: bool = True,
                     log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """One pass over ``loader``; returns the epoch's log row (mean of each loss, last lr, images per second).
 
     ``first_iter`` counts the iterations of earlier epochs (for the ETA and ``iter_log``, a CSV file
     written one row per iteration). AMP runs on CUDA only; float16 needs a ``torch.amp.GradScaler``.
-    ``clip_norm`` 0 turns clipping off. A NaN or infinite loss raises :class:`NonFiniteLoss` before any step.
-    ``progress`` shows a bar (iteration, loss, lr, ETA) instead of a log line every ``log_interval`` iterations.
+    ``clip_norm`` 0 turns clipping off. ``progress`` shows a bar (iteration, loss, lr, ETA) instead of a log
+    line every ``log_interval`` iterations. A NaN or infinite loss raises :class:`NonFiniteLoss` naming the
+    first iteration that had one.
+
+    ``deferred_sync``: the losses stay on the device and are read (one host sync) only every ``log_interval``
+    iterations and at the end of the epoch, where the buffered ``iter_log`` rows are written and a non-finite
+    loss is caught: a GPU is never kept waiting in between. Off, they are read every iteration and a
+    non-finite loss stops training before its step. Both give the same sums, log rows and files.
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     use_amp = amp and device.type == "cuda"
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    world = world or distributed.World()
+    transforms = getattr(loader.dataset, "transforms", None)
     total = total_iters or first_iter + len(loader)
     sums, seen, it, epoch_start = defaultdict(float), 0, first_iter, time.time()
+    pending = []  # (iteration, lr, loss names, the losses and their sum, on the device) not yet read
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="it", file=sys.stderr, leave=False,
                disable=not progress)
+
+    def read_pending() -> float:
+        """The pending losses, read in one sync, into the sums, ``iter_log`` and the bar; returns the last loss."""
+        rows = torch.stack([values for *_, values in pending]).tolist()
+        bad = next((j for j, row in enumerate(rows) if not math.isfinite(row[-1])), None)
+        for (i, lr, names, _), row in zip(pending[:bad], rows[:bad]):
+            for name, value in zip(names, row):
+                sums[name] += value
+            sums["loss"] += row[-1]
+            if iter_log is not None:
+                iter_log.write(f"{epoch},{i},{lr:.6g},{row[-1]:.5f}\n")
+        if deferred_sync and distributed.any_true(bad is not None, world):  # every process stops
+            j = len(rows) - 1 if bad is None else bad
+            raise NonFiniteLoss(rows[j][-1], pending[j][0], epoch)
+        bar.set_postfix(loss=f"{rows[-1][-1]:.3f}", lr=f"{pending[-1][1]:.4g}", refresh=False)
+        pending.clear()
+        return rows[-1][-1]
+
     for images, targets in loader:
-        images, targets = to_device(list(images), list(targets), device)
+        images, targets = list(images), list(targets)
+        if any(im.dim() == 1 for im in images):  # JPEG bytes (train.gpu_decode): decoded on the device
+            images, targets = decode_on_device(images, targets, device, transforms)
+        images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets)
         loss = sum(losses.values())
-        if distributed.any_true(not torch.isfinite(loss), world or distributed.World()):  # every process stops
+        if not deferred_sync and distributed.any_true(not torch.isfinite(loss), world):  # every process stops
             raise NonFiniteLoss(loss.item(), it + 1, epoch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -202,17 +269,17 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
         scheduler.step()
         it += 1
         seen += len(images)
-        for k, v in losses.items():
-            sums[k] += v.item()
-        sums["loss"] += loss.item()
         lr = optimizer.param_groups[0]["lr"]
-        if iter_log is not None:
-            iter_log.write(f"{epoch},{it},{lr:.6g},{loss.item():.5f}\n")
+        pending.append((it, lr, tuple(losses), torch.stack([v.detach() for v in (*losses.values(), loss)])))
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}", refresh=False)
-        if not progress and (it % log_interval == 0 or it == total):
+        at_log = it % log_interval == 0 or it == total
+        if at_log or not deferred_sync:
+            last_loss = read_pending()
+        if not progress and at_log:
             eta = (time.time() - epoch_start) / (it - first_iter) * (total - it)  # at this epoch's pace
-            log(f"epoch {epoch} iter {it}/{total} loss {loss.item():.3f} lr {lr:.4g} eta {eta:.0f}s")
+            log(f"epoch {epoch} iter {it}/{total} loss {last_loss:.3f} lr {lr:.4g} eta {eta:.0f}s")
+    if pending:
+        read_pending()
     bar.close()
     if iter_log is not None:
         iter_log.flush()
@@ -253,8 +320,11 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
 
 
 def evaluate(model, dataset: CocoDetection, device, batch_size: int = 8,
-             score_thr: float = 0.0) -> tuple[list[dict], dict]:
-    """Predictions and ``{iou_type: coco_evaluate result}``; segm only for models that predict masks."""
+             score_thr: float = 0.0, backend: str = "ultrafast") -> tuple[list[dict], dict]:
+    """Predictions and ``{iou_type: coco_evaluate result}``; segm only for models that predict masks.
+
+    ``backend``: the COCO evaluation library (``evaluate.backend``, see :mod:`detpipe.metrics`).
+    """
     dets = predict(model, dataset, device, batch_size, score_thr)
     types = ["bbox", "segm"] if dataset.with_masks else ["bbox"]
-    return dets, {t: coco_evaluate(dataset.coco, dets, t) for t in types}
+    return dets, {t: coco_evaluate(dataset.coco, dets, t, backend) for t in types}

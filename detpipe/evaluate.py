@@ -1,31 +1,57 @@
 """The evaluate stage: predict on the val split with the trained model, score with COCOeval, write and log.
 
-Outputs: ``predictions.json`` (COCO results), ``per_class.csv`` and ``metrics.json`` (for ``dvc metrics``).
-Every input, the MLflow run included, is checked before anything is computed or written.
+Outputs: ``predictions.json`` (COCO results), ``per_class.csv``, ``analysis.json`` and ``plots/`` (VOC mAP,
+PR curves, confusion matrix, worst images: docs/evaluation.md) and ``metrics.json`` (for ``dvc metrics``), all
+computed before the first is written.
+Every input, the MLflow run included, is checked before anything is computed or written. Each evaluation then
+becomes a new MLflow child run of the training run (its params, metrics and every output file; docs/tracking.md),
+named in ``run.json``: the training run itself is never written to.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
+import orjson
+
 from detpipe import config, engine, tracking
+from detpipe.analysis import analyse, write_plots
 from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
-from detpipe.files import atomic_path, read_json_keys, write_json
+from detpipe.files import atomic_path, read_json_keys, tree_hash, write_json
+from detpipe.metrics import named_stats
 from detpipe.models import has_masks, load_checkpoint
 
 RUN_KEYS = ("run_id", "tracking_uri")
+
+
+def write_predictions(path: Path, dets: list[dict]) -> None:
+    """COCO results, one line: 100k+ detections are written by orjson, ~10x faster than the json module."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(orjson.dumps(dets) + b"\n")
 
 
 def _per_class_csv(path: Path, results: dict) -> None:
     types = list(results)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["class", *[f"{t}_{k}" for t in types for k in ("AP", "AP50")]])
+        writer.writerow(["class", *[f"{t}_{k}" for t in types for k in ("AP", "AP_50")]])
         for name in results["bbox"]["per_class"]:
             values = [results[t]["per_class"][name][k] for t in types for k in ("AP", "AP50")]
             writer.writerow([name, *["" if v is None else round(v, 4) for v in values]])  # "": no ground truth
+
+
+def _analysis_json(analysis: dict, coco: dict) -> dict:
+    """The analyses (less the PR curves, in plots/) with COCO's per-class AP beside the VOC AP of each class."""
+    per_class = {name: {"num_gts": voc["num_gts"], "num_dets": voc["num_dets"],
+                        **{f"coco_{k}": v for k, v in coco["per_class"][name].items()},
+                        "voc_AP_50": voc["AP_50"], "voc_AP_50_11pt": voc["AP_50_11pt"]}
+                 for name, voc in analysis["per_class"].items()}
+    return {"iou_thr": analysis["iou_thr"], "score_thr": analysis["score_thr"],
+            "voc_mAP_50": analysis["mAP_50"], "voc_mAP_50_11pt": analysis["mAP_50_11pt"], "per_class": per_class,
+            **{k: analysis[k] for k in ("confusion", "worst_images", "best_images")}}
 
 
 def run(cfg: config.Config, data_dir: Path, image_root: Path, train_dir: Path, out: Path, *,
@@ -53,15 +79,41 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, train_dir: Path, o
         raise DetpipeError(f"{split_file}: classes {dataset.class_names} differ from the model's "
                            f"{meta['classes']} ({model_file}); evaluate a model trained on these classes")
     engine.set_threads(cfg.threads)
-    dets, results = engine.evaluate(model, dataset, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr)
-    metrics = {t: r["stats"] for t, r in results.items()}
+    dets, results = engine.evaluate(model, dataset, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr,
+                                    cfg.evaluate.backend)
+    metrics = named_stats(results)  # flat: bbox_mAP, bbox_mAP_50, ..., segm_AR_l
     metrics["num_images"] = len(dataset)
     metrics["num_detections"] = len(dets)
-    write_json(out / "predictions.json", dets)
+    analysis = analyse(dataset.coco, dets)  # boxes only, also for mask models
+    metrics["voc_mAP_50"], metrics["voc_mAP_50_11pt"] = analysis["mAP_50"], analysis["mAP_50_11pt"]
+    write_predictions(out / "predictions.json", dets)
     _per_class_csv(out / "per_class.csv", results)
+    write_json(out / "analysis.json", _analysis_json(analysis, results["bbox"]))
+    write_plots(out / "plots", analysis)
     write_json(out / "metrics.json", metrics)
     if run is not None:
-        run.log_metrics({f"eval_{t}_{k}": v for t in results for k, v in metrics[t].items()})
-        for name in ("metrics.json", "per_class.csv"):
-            run.log_artifact(out / name, "eval")
+        _log_child(cfg, run, out, metrics, model_file, data_dir, split)
     return metrics
+
+
+def _log_child(cfg, parent: tracking.Run, out: Path, metrics: dict, model_file: Path, data_dir: Path,
+               split: str) -> None:
+    """A new MLflow child run of the training run: this evaluation's params, metrics and every output file.
+
+    Its id goes into ``run.json`` beside the outputs, so the report knows which evaluation it shows.
+    """
+    child = parent.child(f"evaluate-{split}-thr{cfg.evaluate.score_thr:g}",
+                         tags={"stage": "evaluate", "git_commit": tracking.git_commit(), **tracking.launch_tags()})
+    try:
+        child.log_params({**config.flatten({"evaluate": config.dict_of(cfg.evaluate)}), "split": split,
+                          "checkpoint": str(model_file),
+                          "checkpoint_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()[:16],
+                          "data_hash": tree_hash(data_dir)})
+        child.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        write_json(out / "run.json", {"run_id": child.run_id, "parent_run_id": parent.run_id,
+                                      "tracking_uri": tracking.tracking_uri()})
+        child.log_artifacts(out)
+    except BaseException:
+        child.end("FAILED")
+        raise
+    child.end()

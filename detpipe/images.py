@@ -24,14 +24,14 @@ def read_rgb(path: Path) -> Image.Image:
 
 def ann_mask(ann: dict, height: int, width: int) -> np.ndarray:
     """A COCO annotation's mask from its polygons or RLE; the filled box when it has no outline."""
-    from pycocotools import mask as mask_utils  # heavy: only mask models and drawing need it
-
     seg = ann.get("segmentation")
     if not seg:
         mask = np.zeros((height, width), dtype=np.uint8)
         x, y, w, h = (int(round(v)) for v in ann["bbox"])
         mask[y:y + h, x:x + w] = 1
         return mask
+    from pycocotools import mask as mask_utils  # heavy: only outlines need it (and drawing)
+
     if isinstance(seg, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg["counts"], list):

@@ -14,13 +14,13 @@ only a rerun with the same inputs continues from it; it is removed when training
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import json
 import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,20 @@ import torch
 from detpipe import config, distributed, engine, tracking
 from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
-from detpipe.files import atomic_dir, atomic_torch_save, read_json_keys, write_json, write_text
-from detpipe.models import build_model, has_masks, load_weights
+from detpipe.files import atomic_dir, atomic_torch_save, read_json_keys, tree_hash, write_json, write_text
+from detpipe.metrics import named_stats
+from detpipe.models import SMALL, build_model, has_masks, load_checkpoint, load_weights
 from detpipe.transforms import train_transforms
 
 CHECKPOINTS = Path(".detpipe/checkpoints")
-PARAM_SECTIONS = ("experiment", "seed", "device", "threads", "model", "train")  # the params this stage reads
+# The params this stage reads and resumes on; it also reads evaluate.backend, which cannot change a number.
+PARAM_SECTIONS = ("experiment", "seed", "device", "threads", "model", "train")
+# The params a training run shows in MLflow (docs/tracking.md): what shapes the model, not how fast it is made.
+MLFLOW_PARAMS = ("dataset", "preset", "seed", "model.*", "train.epochs", "train.batch_size", "train.optimizer",
+                 "train.lr", "train.momentum", "train.weight_decay", "train.decay_norm_and_bias", "train.warmup_iters",
+                 "train.lr_schedule", "train.milestones", "train.clip_grad_norm", "train.hflip", "train.scale_range",
+                 "train.group_aspect_ratio", "train.amp", "train.amp_dtype", "train.processes", "train.val_interval",
+                 "train.best_metric", "train.early_stop", "train.load_from")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -56,7 +64,8 @@ def _datasets(cfg: config.Config, data_dir: Path, image_root: Path,
     stats = read_json_keys(data_dir / "stats.json", "conversion stats", ("content_hash",))
     masks = has_masks(cfg.model.name)
     train_set = CocoDetection(data_dir / "train.json", image_root, with_masks=masks,
-                              transforms=train_transforms(cfg.train.hflip, cfg.seed + 1 + rank, cfg.train.scale_range))
+                              transforms=train_transforms(cfg.train.hflip, cfg.seed + 1 + rank, cfg.train.scale_range),
+                              encoded=cfg.train.gpu_decode)
     val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=masks)
     if len(train_set) == 0:
         raise DetpipeError(f"{data_dir / 'train.json'}: the train split has no images")
@@ -113,8 +122,35 @@ def _load_resume(path: Path) -> dict | None:
         return None
 
 
+def mlflow_params(cfg: config.Config) -> dict:
+    """The params a training run shows in MLflow: those of :data:`MLFLOW_PARAMS` (the resolved config, every key,
+    is its ``config.yaml`` artifact)."""
+    flat = config.flatten({k: v for k, v in config.dict_of(cfg).items() if k != "data"})
+    return {k: v for k, v in flat.items() if any(fnmatch.fnmatchcase(k, p) for p in MLFLOW_PARAMS)}
+
+
+def run_name(cfg: config.Config, params: dict, hashes: dict) -> str:
+    """``fcos-resnet18-synthetic-lr0.02-1a2b3c4``: the model, data and learning rate, and a hash of every logged
+    param and the data, so runs with equal names were trained alike."""
+    m = cfg.model
+    model = f"{m.name}-{m.backbone}" if m.name in SMALL else m.name
+    return f"{model}-{cfg.dataset}-lr{cfg.train.lr:g}-{tracking.short_hash([params, hashes])}"
+
+
+def epoch_row(row: dict) -> dict:
+    """The engine's epoch log with the names MLflow and ``train_log.csv`` show: ``train/lr``, ``train/img_per_s``,
+    ``train/loss`` (the sum) and each of the model's losses as ``train/loss_<name>`` (``train/loss_classifier``)."""
+    def name(key: str) -> str:
+        if key in ("epoch", "lr", "train_img_per_s", "train_loss"):
+            return {"epoch": "epoch", "lr": "train/lr"}.get(key, key.replace("train_", "train/", 1))
+        loss = key.removeprefix("train_")
+        return f"train/{loss if loss.startswith('loss') else 'loss_' + loss}"
+
+    return {name(k): v for k, v in row.items()}
+
+
 def _improved(row: dict, best: dict | None, metric: str) -> bool:
-    key = f"val_{metric}"
+    key = f"val/{metric}"
     return key in row and (best is None or row[key] > best["value"])
 
 
@@ -158,6 +194,9 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
     m, t = cfg.model, cfg.train
     say = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if world.main else (lambda *a, **k: None)
     train_set, val_set, stats = _datasets(cfg, data_dir, image_root, rank=world.rank)
+    if t.gpu_decode and device.type != "cuda":
+        raise DetpipeError(f"train.gpu_decode: decodes JPEGs on a CUDA GPU, but the device is {device.type}; "
+                           "set it to false")
     engine.set_threads(cfg.threads)
     engine.seed_everything(cfg.seed)
     model = build_model(m.name, m.backbone, len(train_set.cat_ids) + 1, min_size=m.min_size,
@@ -178,6 +217,7 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
 
     # Everything a user can get wrong was checked above: only now is an MLflow run opened (or continued).
     commit = tracking.git_commit()
+    hashes = {"data_hash": tree_hash(data_dir), "raw_data_hash": stats["content_hash"]} if world.main else {}
     run = tracking.NoRun()
     if state is not None and world.main:
         try:
@@ -196,11 +236,12 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
         elif world.main:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             ckpt_dir.mkdir(parents=True)
-            run = tracking.Run.start(cfg.experiment, run_name=f"{m.name}-{m.backbone}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                     tags={"git_commit": commit, "dataset": cfg.dataset,
-                                           "data_hash": stats["content_hash"], "device": str(device),
-                                           "processes": str(world.size)})
-            run.log_params(config.flatten(config.dict_of(cfg)))
+            params = mlflow_params(cfg)
+            run = tracking.Run.start(cfg.experiment, run_name=run_name(cfg, params, hashes),
+                                     tags={"stage": "train", "git_commit": commit, "model": m.name,
+                                           "dataset": cfg.dataset, **hashes, "device": str(device),
+                                           "processes": str(world.size), **tracking.launch_tags()})
+            run.log_params(params)
             if source:
                 run.set_tag("reinitialised_layers", ", ".join(reinitialised)[:5000] or "none")
             write_text(ckpt_dir / "config.yaml", config.dump(cfg))
@@ -210,10 +251,13 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
         # Seeded again after the model is built, so the data order does not depend on how many weights it drew.
         loader_gen = engine.seed_everything(cfg.seed)
         loader = engine.train_loader(train_set, t.batch_size, t.num_workers, loader_gen, device, t.group_aspect_ratio,
-                                     world=world, seed=cfg.seed)
+                                     world=world, seed=cfg.seed, pin_memory=t.pin_memory,
+                                     prefetch_factor=t.prefetch_factor, persistent_workers=t.persistent_workers)
         model.to(device)
+        engine.speed_up(model, channels_last=t.channels_last, compile=t.compile, cudnn_benchmark=t.cudnn_benchmark)
         optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum,
-                                           weight_decay=t.weight_decay, decay_norm_and_bias=t.decay_norm_and_bias)
+                                           weight_decay=t.weight_decay, decay_norm_and_bias=t.decay_norm_and_bias,
+                                           fused=t.fused_optimizer)
         total = t.epochs * len(loader)
         scheduler = engine.build_scheduler(optimizer, total, t.warmup_iters, t.lr_schedule,
                                            [e * len(loader) for e in t.milestones])
@@ -242,24 +286,24 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
             row = engine.train_one_epoch(
                 trained, optimizer, scheduler, loader, device, epoch, amp=t.amp, amp_dtype=amp_dtype,
                 scaler=scaler, clip_norm=t.clip_grad_norm, first_iter=(epoch - 1) * len(loader),
-                total_iters=total, log_interval=t.log_interval, iter_log=iter_log,
+                total_iters=total, log_interval=t.log_interval, iter_log=iter_log, deferred_sync=t.deferred_sync,
                 progress=world.main and sys.stderr.isatty(), world=world,
                 log=say if world.main else (lambda msg: None))
+            row = epoch_row(row)
             if world.main and (epoch % t.val_interval == 0 or epoch == t.epochs):
-                _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size)
-                for iou_type, result in evals.items():
-                    row[f"val_{iou_type}_mAP"] = result["stats"]["mAP"]
-                    row[f"val_{iou_type}_mAP50"] = result["stats"]["mAP50"]
+                _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size,
+                                           backend=cfg.evaluate.backend)
+                row.update({f"val/{k}": v for k, v in named_stats(evals).items()})  # val/bbox_mAP, ...
                 if t.best_metric != "last":
                     if _improved(row, best, t.best_metric):
-                        best, stale = {"epoch": epoch, "value": row[f"val_{t.best_metric}"]}, 0
+                        best, stale = {"epoch": epoch, "value": row[f"val/{t.best_metric}"]}, 0
                         atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
                     else:
                         stale += 1
             history.append(row)
-            val = " ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("val_"))
-            say(f"epoch {epoch}/{t.epochs} done: loss {row['train_loss']:.3f} {val or '(not validated)'}")
-            run.log_metrics(row, step=epoch)
+            val = " ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.endswith(("_mAP", "_mAP_50")))
+            say(f"epoch {epoch}/{t.epochs} done: loss {row['train/loss']:.3f} {val or '(not validated)'}")
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             stop = distributed.any_true(bool(t.early_stop) and stale >= t.early_stop, world)
             if world.main:
                 iter_log.flush()
@@ -275,7 +319,8 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
         if iter_log is not None:
             iter_log.close()
         if world.main:
-            _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, stats, device)
+            _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, hashes, device,
+                           example=_model_example(val_set))
         distributed.barrier(world)
     except engine.NonFiniteLoss as exc:
         run.end("FAILED")
@@ -292,14 +337,26 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
     finally:
         if iter_log is not None and not iter_log.closed:
             iter_log.close()
-    run.end("FINISHED")  # evaluate and report still add their metrics and artifacts to this run
+    run.end("FINISHED")  # evaluate and report log into child runs of their own, never into this one
     if world.main:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return history
 
 
-def _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, stats, device) -> None:
-    """The stage's folder, whole: written into a temporary sibling and renamed into place."""
+def _model_example(val_set: CocoDetection) -> np.ndarray:
+    """The MLflow model's input example: a crop of the first val image (zeros when the split has none), float
+    ``(1, 3, H, W)`` in [0, 1], at most 64 pixels a side to keep the logged JSON small."""
+    image = val_set[0][0][:, :64, :64] if len(val_set) else torch.zeros(3, 64, 64, dtype=torch.uint8)
+    return image.float().div(255).unsqueeze(0).numpy()
+
+
+def _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, commit, hashes, device,
+                   example) -> None:
+    """The stage's folder, whole: written into a temporary sibling and renamed into place.
+
+    The model goes to MLflow too, rebuilt from ``model.pt`` so that both are the same model; ``example`` (an image
+    crop, float ``(1, 3, H, W)``) is its input example.
+    """
     weights = torch.load(ckpt_dir / "best.pt", weights_only=True) if best else model.state_dict()
     with atomic_dir(out) as tmp:
         shutil.copy(ckpt_dir / "config.yaml", tmp / "config.yaml")
@@ -309,7 +366,8 @@ def _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, com
         meta = {"model": config.dict_of(cfg.model), "classes": train_set.class_names, "cat_ids": train_set.cat_ids,
                 "epoch": best["epoch"] if best else history[-1]["epoch"]}
         atomic_torch_save({"model": weights, "meta": meta}, tmp / "model.pt")
+        model_uri = run.log_model(load_checkpoint(tmp / "model.pt")[0], example)
         write_json(tmp / "run.json", {"run_id": run.run_id, "experiment": cfg.experiment,
-                                      "tracking_uri": tracking.tracking_uri(), "device": str(device),
-                                      "git_commit": commit, "data_hash": stats["content_hash"]})
+                                      "tracking_uri": tracking.tracking_uri(), "model_uri": model_uri,
+                                      "device": str(device), "git_commit": commit, **hashes})
         run.log_artifact(tmp / "train_log.csv")

@@ -172,7 +172,7 @@ def test_evaluate_scores_any_checkpoint_on_any_split_without_mlflow(trained, tmp
                        "--out", "scored")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((cwd / "scored/metrics.json").read_text())
-    assert metrics["num_images"] == 8 and "mAP" in metrics["bbox"]  # the tiny train split
+    assert metrics["num_images"] == 8 and "bbox_mAP" in metrics  # the tiny train split
     with sqlite3.connect(cwd / "mlflow.db") as db:
         assert db.execute("select count(*) from metrics").fetchone() == before
     ckpt["meta"]["classes"] = ["a", "b", "c", "d"]

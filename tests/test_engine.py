@@ -1,13 +1,34 @@
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from detpipe import engine
+from detpipe import datasets, engine
 from detpipe.apis import inference_detector, init_detector, show_result
 from detpipe.datasets import CocoDetection
+from detpipe.errors import DetpipeError
+from detpipe.files import write_json
 from detpipe.models import build_model
 from detpipe.transforms import RandomHorizontalFlip, train_transforms
+from tests.conftest import ROOT
+from tests.fixtures import make_image
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on two shared cores run many times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_model(name="fcos"):
@@ -30,7 +51,7 @@ def train_once(tiny_coco, out, name="fcos"):
         row = engine.train_one_epoch(model, optimizer, scheduler, loader, CPU, 1, iter_log=iter_log,
                                      log=lambda m: None)
     _, evals = engine.evaluate(model, va, CPU, batch_size=4)
-    row.update({f"val_{t}_mAP50": r["stats"]["mAP50"] for t, r in evals.items()})
+    row.update({f"val/{t}_mAP_50": r["stats"]["mAP_50"] for t, r in evals.items()})
     return model, [row]
 
 
@@ -40,7 +61,7 @@ def test_training_is_seeded_and_logs(tiny_coco, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train_img_per_s"} for r in rows]
     assert strip(first) == strip(second)
     row = first[0]
-    assert {"epoch", "lr", "train_loss", "train_img_per_s", "val_bbox_mAP50"} <= set(row)
+    assert {"epoch", "lr", "train_loss", "train_img_per_s", "val/bbox_mAP_50"} <= set(row)
     lines = (tmp_path / "a/iter_log.csv").read_text().splitlines()
     assert lines[0] == "epoch,iter,lr,loss" and len(lines) == 1 + 2  # 8 images / batch 4
     # warm-up over 2 iterations: after step 1 the factor is 0.001 + 0.999 / 2; after step 2 warm-up is done
@@ -59,9 +80,187 @@ def test_non_finite_loss_stops_before_the_step(tiny_coco, tmp_path):
             engine.train_one_epoch(model, optimizer, scheduler, loader, CPU, epoch, log=lambda m: None)
 
 
+def one_epoch(tiny_coco, *, batch_size=2, dataset=None, loader_args=None, optimizer_args=None, lr=0.01,
+              epochs=1, **loop_args) -> tuple[str, list[dict]]:
+    """``iter_log.csv``'s text and the epoch rows (without the timing) of a seeded FCOS run on the tiny set."""
+    tr = dataset or CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw", transforms=train_transforms(0.5, 1))
+    model = tiny_model()
+    loader = engine.train_loader(tr, batch_size, 0, engine.seed_everything(0), CPU, **(loader_args or {}))
+    optimizer = engine.build_optimizer(model, lr=lr, momentum=0.9, weight_decay=1e-4, **(optimizer_args or {}))
+    scheduler = engine.build_scheduler(optimizer, epochs * len(loader), 2, "cosine")
+    iter_log, rows = io.StringIO(), []
+    for epoch in range(1, epochs + 1):
+        row = engine.train_one_epoch(model, optimizer, scheduler, loader, CPU, epoch, iter_log=iter_log,
+                                     first_iter=(epoch - 1) * len(loader), total_iters=epochs * len(loader),
+                                     log=lambda m: None, **loop_args)
+        rows.append({k: v for k, v in row.items() if k != "train_img_per_s"})
+    return iter_log.getvalue(), rows
+
+
+def test_deferred_sync_writes_the_same_bytes_as_reading_every_iteration(tiny_coco):
+    """The losses read at log points only (no host sync per iteration) give the same iter_log and metrics."""
+    every = one_epoch(tiny_coco, deferred_sync=False, log_interval=1)
+    assert len(every[0].splitlines()) == 4 and every[1][0]["train_loss"] > 0  # 8 images / batch 2
+    for log_interval in (1, 3):  # 3: a log point, then the epoch's end, flush the rows in between
+        assert one_epoch(tiny_coco, deferred_sync=True, log_interval=log_interval) == every
+
+
+def test_deferred_sync_stops_at_the_first_non_finite_loss_with_the_same_error(tiny_coco):
+    caught = {}
+    for deferred in (False, True):
+        with pytest.raises(engine.NonFiniteLoss) as exc:
+            one_epoch(tiny_coco, lr=1e30, epochs=6, deferred_sync=deferred, log_interval=50)
+        caught[deferred] = (str(exc.value), exc.value.iteration, exc.value.epoch)
+    assert caught[True] == caught[False]
+    assert re.fullmatch(r"loss is (nan|inf|-inf) at iteration \d+ \(epoch \d+\)", caught[True][0])
+
+
+def test_deferred_sync_keeps_the_rows_before_the_bad_iteration(tiny_coco):
+    """Rows buffered on the device are written up to the iteration that had the non-finite loss."""
+    logs = {}
+    for deferred in (False, True):
+        tr = CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw")
+        model = tiny_model()
+        loader = engine.train_loader(tr, 2, 0, engine.seed_everything(0), CPU)
+        optimizer = engine.build_optimizer(model, lr=0.01)
+        scheduler = engine.build_scheduler(optimizer, len(loader), 0, "constant")
+        calls, real = iter(range(100)), model.forward
+
+        def poisoned(images, targets, real=real, calls=calls):  # the third iteration's loss is NaN
+            losses = real(images, targets)
+            if next(calls) == 2:
+                losses["classification"] = losses["classification"] * float("nan")
+            return losses
+
+        model.forward = poisoned
+        iter_log = io.StringIO()
+        with pytest.raises(engine.NonFiniteLoss, match=r"loss is nan at iteration 3 \(epoch 1\)"):
+            engine.train_one_epoch(model, optimizer, scheduler, loader, CPU, 1, iter_log=iter_log,
+                                   log_interval=10, deferred_sync=deferred, log=lambda m: None)
+        logs[deferred] = iter_log.getvalue()
+    assert logs[True] == logs[False] and [r.split(",")[1] for r in logs[True].splitlines()] == ["1", "2"]
+
+
+def test_speed_levers_are_applied_and_off_leaves_the_model_as_it_was(tiny_coco, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)  # compiling takes ~1 min
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    model = tiny_model()
+    keys = list(model.state_dict())
+    assert engine.speed_up(model) is model and not compiled and torch.backends.cudnn.benchmark is False
+    assert all(p.is_contiguous() for p in model.parameters())
+    engine.speed_up(model, channels_last=True, compile=True, cudnn_benchmark=True)
+    assert torch.backends.cudnn.benchmark is True
+    conv = model.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert compiled == [model.backbone._call_impl] and list(model.state_dict()) == keys  # same checkpoint keys
+    loader = engine.train_loader(CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw"), 4, 0,
+                                 engine.seed_everything(0), CPU)
+    optimizer = engine.build_optimizer(model, lr=0.01)
+    row = engine.train_one_epoch(model, optimizer, engine.build_scheduler(optimizer, len(loader), 0, "constant"),
+                                 loader, CPU, 1, log=lambda m: None)
+    assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0  # the NHWC model trains
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_where_torch_has_it_else_foreach(name, monkeypatch):
+    model = tiny_model()
+    plain = engine.build_optimizer(model, name, lr=0.01)
+    assert plain.defaults["fused"] is None and plain.defaults["foreach"] is None  # torch's choice, as before
+    fused = engine.build_optimizer(model, name, lr=0.01, fused=True)
+    assert fused.defaults["fused"] is True  # torch has fused SGD and AdamW on the CPU
+    monkeypatch.setattr(engine, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
+    fallback = engine.build_optimizer(model, name, lr=0.01, fused=True)
+    assert not fallback.defaults["fused"] and fallback.defaults["foreach"] is True
+
+
+def test_fused_optimizer_trains_like_the_plain_one(tiny_coco):
+    plain = one_epoch(tiny_coco, batch_size=4)
+    fused = one_epoch(tiny_coco, batch_size=4, optimizer_args={"fused": True})
+    assert fused[1][0]["train_loss"] == pytest.approx(plain[1][0]["train_loss"], rel=1e-3)
+
+
+def test_loader_levers():
+    data = list(range(8))
+    cuda, cpu = torch.device("cuda"), CPU
+    loader = lambda device, workers, **kw: engine.train_loader(data, 2, workers, torch.Generator(), device, **kw)
+    assert loader(cuda, 0).pin_memory and not loader(cuda, 0, pin_memory=False).pin_memory
+    assert not loader(cpu, 0).pin_memory  # nothing to pin for on the CPU
+    default = loader(cpu, 2)
+    assert default.prefetch_factor == 2 and not default.persistent_workers  # torch's defaults, as before
+    tuned = loader(cpu, 2, prefetch_factor=6, persistent_workers=True)
+    assert tuned.prefetch_factor == 6 and tuned.persistent_workers
+    assert loader(cpu, 0, prefetch_factor=6, persistent_workers=True).prefetch_factor is None  # no workers
+
+
+def test_encoded_jpegs_decode_in_the_loop_as_the_dataset_decodes_them(tiny_coco, tmp_path):
+    """train.gpu_decode's path, on the CPU: JPEG bytes from the dataset, decoded and augmented in the loop."""
+    coco = tiny_coco / "coco/train.json"
+    plain = CocoDetection(coco, tiny_coco / "raw", transforms=train_transforms(1.0, 1))
+    encoded = CocoDetection(coco, tiny_coco / "raw", transforms=train_transforms(1.0, 1), encoded=True)
+    raw, target = encoded[0]
+    assert raw.dim() == 1 and raw.dtype == torch.uint8 and raw[:2].tolist() == [0xFF, 0xD8]  # a JPEG's bytes
+    assert torch.equal(target["boxes"], CocoDetection(coco, tiny_coco / "raw")[0][1]["boxes"])  # not flipped yet
+    decoded = plain[1][0]
+    images, targets = datasets.decode_on_device([raw, decoded], [target, {}], CPU, encoded.transforms)
+    image, flipped = plain[0]
+    assert images[0].shape == image.shape and (images[0].int() - image.int()).abs().max() <= 2
+    assert torch.equal(targets[0]["boxes"], flipped["boxes"])  # flipped in the loop, as the dataset flips
+    assert images[1] is decoded and targets[1] == {}  # what the dataset decoded passes unchanged
+    for kind in ("png", "rotated"):  # what nvJPEG cannot decode as read_rgb does stays decoded by the dataset
+        name = make_image(tmp_path / kind / "a.jpg" if kind == "rotated" else tmp_path / kind / "a.png", 40, 30,
+                          orientation=6 if kind == "rotated" else None).name
+        write_json(tmp_path / kind / "c.json", {"images": [{"id": 1, "file_name": name, "width": 40, "height": 30}],
+                                                "annotations": [], "categories": [{"id": 1, "name": "x"}]})
+        image, _ = CocoDetection(tmp_path / kind / "c.json", tmp_path / kind, encoded=True)[0]
+        assert image.shape == (3, 30, 40)
+    log, rows = one_epoch(tiny_coco, batch_size=4, dataset=encoded)
+    assert len(log.splitlines()) == 2 and rows[0]["train_loss"] > 0
+
+
+def test_gpu_decode_without_cuda_is_a_one_line_error(tiny_coco, tmp_path, monkeypatch):
+    from detpipe import config, train
+    from tests.conftest import write_tiny_params
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(write_tiny_params(tmp_path), ["train.gpu_decode=true"])
+    with pytest.raises(DetpipeError, match=r"^train.gpu_decode: decodes JPEGs on a CUDA GPU, but the device is cpu"):
+        train.run(cfg, tiny_coco / "coco", tiny_coco / "raw", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
+    from detpipe import config, train
+    from tests.conftest import write_tiny_params
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: fn)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    seen = {}
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            seen[name] = kwargs
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("train_loader", "speed_up", "build_optimizer", "train_one_epoch"):
+        monkeypatch.setattr(engine, name, spy(name, getattr(engine, name)))
+    levers = {"deferred_sync": False, "channels_last": True, "compile": True, "cudnn_benchmark": True,
+              "fused_optimizer": True, "pin_memory": False, "prefetch_factor": 3, "persistent_workers": True}
+    cfg = config.load(write_tiny_params(tmp_path), [f"train.{k}={str(v).lower()}" for k, v in levers.items()])
+    train.run(cfg, tiny_coco / "coco", tiny_coco / "raw", tmp_path / "out")
+    assert seen["train_loader"].items() >= {"pin_memory": False, "prefetch_factor": 3,
+                                            "persistent_workers": True}.items()
+    assert seen["speed_up"] == {"channels_last": True, "compile": True, "cudnn_benchmark": True}
+    assert seen["build_optimizer"]["fused"] is True and seen["train_one_epoch"]["deferred_sync"] is False
+    assert torch.backends.cudnn.benchmark is True and (tmp_path / "out/model.pt").is_file()
+
+
 def test_mask_model_trains_and_scores_segm(tiny_coco, tmp_path):
     _, history = train_once(tiny_coco, tmp_path / "m", name="maskrcnn")
-    assert "val_segm_mAP50" in history[0]
+    assert "val/segm_mAP_50" in history[0]
 
 
 def test_lr_schedule():
@@ -129,3 +328,30 @@ def test_notebook_training_from_python(tiny_coco, tmp_path, monkeypatch):
     assert [row["epoch"] for row in history] == [1]
     detector = init_detector(tmp_path / "out/config.yaml", tmp_path / "out/model.pt")
     assert len(inference_detector(detector, tiny_coco / "raw/val/val_00000.jpg")) == 4
+
+
+def test_gpu_train_bench_smoke_runs_both_loops_without_pycocotools_or_mlflow(tmp_path):
+    """The GPU benchmark's code, on the CPU at tiny sizes, where importing pycocotools or MLflow fails (the lent
+    GPU machines have neither)."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for name in ("pycocotools", "mlflow", "ultrafast_pycocotools"):
+        (blocked / f"{name}.py").write_text("raise ImportError('not on the GPU machine')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocked}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                       timeout=600)
+    done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--json", str(tmp_path / "bench.json"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["model"], r["loop"], r["amp"]) for r in results] == [("fcos_resnet50_fpn", "plain", "fp32"),
+                                                                     ("fcos_resnet50_fpn", "ours", "fp32")]
+    assert all(r["img_per_s"] > 0 and r["images_timed"] == 4 for r in results) and results[1]["ratio_to_plain"] > 0
+    assert "ours/plain" in done.stdout
+    masks = ("from pathlib import Path; from benchmarks import gpu_train_bench as b; "
+             f"coco = b.make_images(Path({str(tmp_path / 'imgs')!r}), 2, 3, 40, 60); "
+             "image, target = b.CocoDetection(coco, coco.parent, with_masks=True)[2]; "
+             "plain = b.PlainDataset(coco, True)[2][1]['masks']; "
+             "assert target['masks'].shape == plain.shape == (len(target['boxes']), 40, 60), target; "
+             "assert (target['masks'] != plain).float().mean() < 0.1")  # rounding may move an edge by a pixel
+    done = run("-c", masks)  # Mask R-CNN's box masks, in both loops
+    assert done.returncode == 0, done.stderr

@@ -112,6 +112,9 @@ def test_inference_detector_and_show_result_per_family(name, tmp_path):
         assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(result, other))
     batch = inference_detector(model, [image, rgb])  # one forward pass
     assert len(batch) == 2 and all(np.allclose(a, b, atol=1e-3) for a, b in zip(batch[0], result))
+    assert result.batch_size == 1 and result.seconds > 0 and result.fps == pytest.approx(1 / result.seconds)
+    assert [r.batch_size for r in batch] == [2, 2] and batch[0].seconds == batch[1].seconds > 0  # the batch's time
+    assert batch[1].fps == pytest.approx(2 / batch[1].seconds)
     picture = show_result(image, result, score_thr=0.0, out_file=tmp_path / "shown.png")
     assert picture.size == (80, 60) and Image.open(tmp_path / "shown.png").size == (80, 60)
     assert np.any(np.asarray(picture) != rgb)  # something was drawn
@@ -196,7 +199,10 @@ def test_folder_of_images_keeps_names(ckpts, tmp_path, capsys):
     assert [r["file"] for r in data["results"]] == ["a.jpg", "b.png", "c.jpeg"]
     assert any(r["boxes"] for r in data["results"]) and "masks" not in data["results"][0]
     check_records(data["results"], CLASSES["fcos"], 0.3)
-    assert "3 images in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 images in" in printed and re.search(r"model alone: [0-9.]+ images/s, batch 2\)", printed)
+    assert data["batch_size"] == 2 and data["device"] == "cpu" and data["model_seconds"] > 0
+    assert data["model_fps"] == pytest.approx(3 / data["model_seconds"], rel=1e-2)
     infer.run(ckpts["fcos"], src / "b.png", tmp_path / "out", device="cpu")  # an earlier output is replaced
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "detections.json"]
 
@@ -205,6 +211,8 @@ def test_video_gets_every_frame_at_its_rate_and_size(ckpts, tmp_path):
     video = write_video(tmp_path / "clip.mp4", frames=10, size=(64, 48), fps=12.0)
     summary = infer.run(ckpts["fcos"], video, tmp_path / "out", device="cpu", batch_size=4)
     assert summary["video"] == "clip.mp4" and summary["frames"] == 10
+    assert 0 < summary["model_seconds"] <= summary["seconds"]  # the model's time is part of the whole run's
+    assert summary["model_rate"] == pytest.approx(10 / summary["model_seconds"])
     assert video_info(tmp_path / "out/clip.mp4") == (10, 12.0, (64, 48))
     data = json.loads((tmp_path / "out/detections.json").read_text())
     assert [r["frame"] for r in data["results"]] == list(range(10)) and data["fps"] == 12.0

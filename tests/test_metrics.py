@@ -1,12 +1,20 @@
 import contextlib
 import copy
+import csv
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from detpipe.metrics import STAT_NAMES, coco_evaluate
+from detpipe import config
+from detpipe.errors import DetpipeError
+from detpipe.metrics import BACKENDS, STAT_NAMES, coco_evaluate, run_cocoeval
+from tests.conftest import run_stage
 
 
 def test_perfect_predictions_score_one(tiny_coco):
@@ -15,7 +23,7 @@ def test_perfect_predictions_score_one(tiny_coco):
              "segmentation": a["segmentation"]} for a in gt["annotations"]]
     for iou_type in ("bbox", "segm"):
         result = coco_evaluate(gt, dets, iou_type)
-        assert result["stats"]["mAP50"] == pytest.approx(1.0)
+        assert result["stats"]["mAP_50"] == pytest.approx(1.0)
         present = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
         assert all(result["per_class"][n]["AP50"] == pytest.approx(1.0) for n in present)
 
@@ -26,7 +34,7 @@ def test_wrong_class_scores_zero_and_no_detections_is_zero(tiny_coco):
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"] % k + 1, "bbox": a["bbox"], "score": 0.9}
             for a in gt["annotations"]]
     assert coco_evaluate(gt, dets)["stats"]["mAP"] == 0.0
-    assert coco_evaluate(gt, [])["stats"]["mAP50"] == 0.0
+    assert coco_evaluate(gt, [])["stats"]["mAP_50"] == 0.0
 
 
 def test_class_without_ground_truth_has_no_ap(tiny_coco):
@@ -94,11 +102,11 @@ def test_one_box_at_iou_0_626_passes_three_of_ten_thresholds():
     result = coco_evaluate(gt, [_det(1, 1, [23, 0, 100, 100], 0.9)])
     stats = result["stats"]
     assert stats["mAP"] == pytest.approx(0.3)
-    assert stats["mAP50"] == pytest.approx(1.0)
-    assert stats["mAP75"] == 0.0
-    assert stats["mAP_large"] == pytest.approx(0.3)
-    assert stats["mAP_small"] == stats["mAP_medium"] == 0.0
-    assert stats["AR100"] == pytest.approx(0.3)
+    assert stats["mAP_50"] == pytest.approx(1.0)
+    assert stats["mAP_75"] == 0.0
+    assert stats["mAP_l"] == pytest.approx(0.3)
+    assert stats["mAP_s"] == stats["mAP_m"] == 0.0
+    assert stats["AR_100"] == pytest.approx(0.3)
     # per class: AP over all thresholds, AP50 from the IoU=.50 row only (index 0, not 5 = .75 which gives 0)
     assert result["per_class"]["cat"]["AP"] == pytest.approx(0.3)
     assert result["per_class"]["cat"]["AP50"] == pytest.approx(1.0)
@@ -121,11 +129,11 @@ def test_false_positive_scored_above_the_true_positive_halves_ap():
     result = coco_evaluate(gt, dets)
     stats = result["stats"]
     assert result["per_class"]["cat"] == {"AP": pytest.approx(0.5), "AP50": pytest.approx(0.5)}
-    assert stats["mAP"] == stats["mAP50"] == stats["mAP75"] == pytest.approx(0.5)
-    assert stats["mAP_medium"] == pytest.approx(0.5)
-    assert stats["mAP_small"] == stats["mAP_large"] == 0.0  # no small/large GT: -1 -> 0
-    assert stats["AR1"] == 0.0
-    assert stats["AR10"] == stats["AR100"] == stats["AR_medium"] == pytest.approx(1.0)
+    assert stats["mAP"] == stats["mAP_50"] == stats["mAP_75"] == pytest.approx(0.5)
+    assert stats["mAP_m"] == pytest.approx(0.5)
+    assert stats["mAP_s"] == stats["mAP_l"] == 0.0  # no small/large GT: -1 -> 0
+    assert stats["AR_1"] == 0.0
+    assert stats["AR_10"] == stats["AR_100"] == stats["AR_m"] == pytest.approx(1.0)
     # the same two detections with the scores swapped: TP first -> precision [1, 0.5] at recall [1, 1] -> AP 1
     swapped = [{**dets[0], "score": 0.8}, {**dets[1], "score": 0.9}]
     assert coco_evaluate(gt, swapped)["per_class"]["cat"]["AP"] == pytest.approx(1.0)
@@ -148,7 +156,7 @@ def test_crowd_only_class_has_no_ap_and_crowd_detections_are_not_false_positives
     assert result["per_class"]["crowd"] == {"AP": None, "AP50": None}
     assert result["per_class"]["dog"] == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
     assert result["stats"]["mAP"] == pytest.approx(1.0)
-    assert result["stats"]["AR100"] == pytest.approx(1.0)
+    assert result["stats"]["AR_100"] == pytest.approx(1.0)
     # without any detection at all, detpipe's shortcut gives the same None for the crowd-only class
     assert coco_evaluate(gt, [])["per_class"]["crowd"] == {"AP": None, "AP50": None}
     # control: the 0.95 detection outside the dog crowd region is a FP ranked first -> dog AP 0.5 (as above)
@@ -170,14 +178,14 @@ def test_small_object_missed_large_object_found():
     dets = [_det(1, 1, [100, 100, 120, 120], 0.9)]
     stats = coco_evaluate(gt, dets)["stats"]
     raw = dict(zip(STAT_NAMES, _pycocotools_stats(gt, dets)))
-    assert stats["mAP"] == stats["mAP50"] == pytest.approx(51 / 101)
-    assert stats["mAP_large"] == pytest.approx(1.0)
-    assert stats["AR_large"] == pytest.approx(1.0)
-    assert stats["AR100"] == pytest.approx(0.5)
-    assert raw["mAP_small"] == 0.0 and stats["mAP_small"] == 0.0
-    assert raw["AR_small"] == 0.0 and stats["AR_small"] == 0.0
-    assert raw["mAP_medium"] == -1.0 and stats["mAP_medium"] == 0.0  # -1 (no GT) is reported as 0.0
-    assert raw["AR_medium"] == -1.0 and stats["AR_medium"] == 0.0
+    assert stats["mAP"] == stats["mAP_50"] == pytest.approx(51 / 101)
+    assert stats["mAP_l"] == pytest.approx(1.0)
+    assert stats["AR_l"] == pytest.approx(1.0)
+    assert stats["AR_100"] == pytest.approx(0.5)
+    assert raw["mAP_s"] == 0.0 and stats["mAP_s"] == 0.0
+    assert raw["AR_s"] == 0.0 and stats["AR_s"] == 0.0
+    assert raw["mAP_m"] == -1.0 and stats["mAP_m"] == 0.0  # -1 (no GT) is reported as 0.0
+    assert raw["AR_m"] == -1.0 and stats["AR_m"] == 0.0
 
 
 def _random_coco(seed):
@@ -215,3 +223,182 @@ def test_stats_equal_pycocotools_run_directly(seed):
     assert [result["stats"][k] for k in STAT_NAMES] == expected
     # the data must tell the stats apart, or a swapped order would pass unnoticed
     assert len({round(v, 9) for v in expected}) == 12
+
+
+# ---- the fast backend against pycocotools, bit for bit ------------------------------------------------------------
+
+def _polygon(x, y, w, h, rng):
+    """A closed outline of 10 points inside the box (an ellipse with a ragged edge)."""
+    t = np.linspace(0, 2 * np.pi, 10, endpoint=False)
+    r = rng.uniform(0.7, 1.0, 10)
+    return [[float(v) for xy in zip(x + w / 2 * (1 + r * np.cos(t)), y + h / 2 * (1 + r * np.sin(t))) for v in xy]]
+
+
+def _uncompressed_rle(mask):
+    """COCO's crowd format: run lengths (zeros first) of the column-major pixels, as a plain list."""
+    flat = np.asfortranarray(mask).ravel(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + runs}
+
+
+def _hard_coco(seed):
+    """Every case the two libraries could disagree on: crowd regions (boxes and uncompressed RLE), images with no
+    ground truth, images with no detection, a class with detections but no ground truth and one with neither, scores
+    drawn from 5 values (many ties, within and across images), small/medium/large objects, an image with more than
+    100 detections, ground-truth outlines as polygons and compressed RLE, detections as RLE masks with boxes (what
+    engine.predict writes)."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    width, height = 320, 240
+    images, annotations, dets = [], [], []
+    for image_id in range(1, 31):
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})
+        no_gt, no_dets = image_id % 7 == 0, image_id % 5 == 0
+        for _ in range(0 if no_gt else rng.integers(1, 7)):
+            w, h = (float(v) for v in rng.choice([6.0, 20.0, 50.0, 130.0]) * rng.uniform(0.6, 1.4, 2))
+            w, h = min(w, width - 2), min(h, height - 2)
+            x, y = float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h))
+            cat, crowd = int(rng.integers(1, 4)), int(rng.random() < 0.12)
+            pixels = np.zeros((height, width), np.uint8)
+            pixels[int(y):int(y + h), int(x):int(x + w)] = 1
+            area = float(pixels.sum())
+            if crowd:
+                segmentation = _uncompressed_rle(pixels)
+            elif rng.random() < 0.3:
+                rle = mask_utils.encode(np.asfortranarray(pixels))
+                segmentation = {"size": rle["size"], "counts": rle["counts"].decode()}
+            else:
+                segmentation = _polygon(x, y, w, h, rng)
+                area = float(mask_utils.area(mask_utils.frPyObjects(segmentation, height, width))[0])
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
+                                "bbox": [x, y, w, h], "area": area, "iscrowd": crowd, "segmentation": segmentation})
+            if not no_dets and rng.random() < 0.85:
+                jx, jy, jw, jh = rng.uniform(-0.15, 0.15, 4) * [w, h, w, h]
+                dets.append(_mask_det(image_id, cat if rng.random() < 0.9 else 4,  # class 4: no ground truth
+                                      [x + jx, y + jy, w + jw, h + jh], rng, width, height))
+        if not no_dets:
+            for _ in range(120 if image_id == 1 else rng.integers(0, 4)):  # false positives; image 1: >100 dets
+                w, h = (float(v) for v in rng.uniform(4, 150, 2))
+                box = [float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h)), w, h]
+                dets.append(_mask_det(image_id, int(rng.integers(1, 5)), box, rng, width, height))
+    categories = [{"id": k, "name": f"class{k}", "supercategory": "object"} for k in (1, 2, 3, 4, 5)]
+    return {"images": images, "annotations": annotations, "categories": categories}, dets
+
+
+def _mask_det(image_id, cat, box, rng, width, height):
+    from pycocotools import mask as mask_utils
+
+    x, y, w, h = (round(max(v, 1.0), 2) for v in box)
+    pixels = np.zeros((height, width), np.uint8)
+    pixels[int(y):int(y + h), int(x):int(x + w)] = 1
+    pixels[int(y):int(y + h // 3), int(x):int(x + w // 3)] = 0  # a notched mask: its IoU differs from the box's
+    rle = mask_utils.encode(np.asfortranarray(pixels))
+    return {"image_id": image_id, "category_id": cat, "bbox": [x, y, w, h],
+            "score": float(rng.choice([0.3, 0.5, 0.5, 0.7, 0.9])),
+            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}
+
+
+def _reference(gt, dets, iou_type):
+    """pycocotools run directly, on deep copies (it writes into the dicts)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(dets)), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_fast_backend_is_bit_identical_to_pycocotools(seed, iou_type):
+    gt, dets = _hard_coco(seed)
+    gt_before, dets_before = copy.deepcopy(gt), copy.deepcopy(dets)
+    expected = _reference(gt, dets, iou_type)
+    ev = run_cocoeval(gt, dets, iou_type, backend="ultrafast")
+    assert type(ev).__module__.startswith("ultrafast_pycocotools")
+    assert [float(v) for v in ev.stats] == [float(v) for v in expected.stats]
+    for key in ("precision", "recall", "scores"):
+        assert ev.eval[key].shape == expected.eval[key].shape
+        assert np.array_equal(ev.eval[key], expected.eval[key]), key
+    assert coco_evaluate(gt, dets, iou_type, "ultrafast") == coco_evaluate(gt, dets, iou_type, "pycocotools")
+    assert gt == gt_before and dets == dets_before  # neither library changed the caller's dicts
+    # the fixture really holds the hard cases
+    stats = dict(zip(STAT_NAMES, expected.stats))
+    assert min(stats[k] for k in ("mAP_s", "mAP_m", "mAP_l")) > 0  # every area range has matches
+    precision = expected.eval["precision"]
+    assert (precision[:, :, 3, 0, -1] == -1).all() and (precision[:, :, 4, 0, -1] == -1).all()  # classes w/o GT
+    assert any(d["category_id"] == 4 for d in dets)
+    with_gt, with_dets = {a["image_id"] for a in gt["annotations"]}, {d["image_id"] for d in dets}
+    assert with_dets - with_gt and with_gt - with_dets  # images with detections but no GT, and the other way round
+    assert any(a["iscrowd"] for a in gt["annotations"]) and len({d["score"] for d in dets}) < 6  # crowds, ties
+    assert sum(d["image_id"] == 1 for d in dets) > 100
+
+
+def test_backends_agree_on_the_hand_computed_cases():
+    gt = _gt([_ann(1, 1, 1, [10, 10, 20, 20]), _ann(2, 1, 1, [100, 100, 120, 120]),
+              _ann(3, 1, 1, [300, 50, 200, 200], iscrowd=1)])
+    dets = [_det(1, 1, [100, 100, 120, 120], 0.9), _det(1, 1, [320, 60, 50, 50], 0.9), _det(1, 1, [0, 0, 9, 9], 0.9)]
+    assert coco_evaluate(gt, dets, backend="ultrafast") == coco_evaluate(gt, dets, backend="pycocotools")
+
+
+def _count_calls(monkeypatch, cls) -> list:
+    calls = []
+    original = cls.evaluate
+    monkeypatch.setattr(cls, "evaluate", lambda self: (calls.append(type(self)), original(self))[1])
+    return calls
+
+
+def test_the_backend_switch_picks_the_library(monkeypatch):
+    import pycocotools.cocoeval
+    import ultrafast_pycocotools
+
+    slow = _count_calls(monkeypatch, pycocotools.cocoeval.COCOeval)
+    fast = _count_calls(monkeypatch, ultrafast_pycocotools.COCOeval)
+    gt = _gt([_ann(1, 1, 1, [0, 0, 100, 100])])
+    dets = [_det(1, 1, [23, 0, 100, 100], 0.9)]
+    coco_evaluate(gt, dets, backend="pycocotools")
+    assert (len(slow), len(fast)) == (1, 0)
+    coco_evaluate(gt, dets)  # the default
+    assert (len(slow), len(fast)) == (1, 1)
+    with pytest.raises(ValueError, match="hotcoco"):
+        coco_evaluate(gt, dets, backend="hotcoco")
+
+
+def test_config_backends_are_the_ones_metrics_runs(tiny_params):
+    assert config.SCHEMA["evaluate"]["backend"].kind == BACKENDS
+    assert config.load(tiny_params).evaluate.backend == "ultrafast"
+    with pytest.raises(DetpipeError, match="evaluate.backend"):
+        config.load(tiny_params, ["evaluate.backend=hotcoco"])
+
+
+def test_train_and_evaluate_stages_score_with_pycocotools_when_asked(converted, tmp_path):
+    """With evaluate.backend: pycocotools neither the train stage's validation nor the evaluate stage may import
+    ultrafast_pycocotools: a stand-in that fails on import is put first on the path, and both stages still score."""
+    cwd = tmp_path / "p"
+    shutil.copytree(converted, cwd)
+    poison = tmp_path / "poison/ultrafast_pycocotools"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('ultrafast_pycocotools used with backend pycocotools')\n")
+    env = {"PYTHONPATH": str(poison.parent)}
+    flags = ["--set", "evaluate.backend=pycocotools", "--set", "model.score_thresh=0.0", "--set",
+             "evaluate.score_thr=0.0"]  # an untrained model's low scores: detections to score
+    result = run_stage("train", cwd, *flags, env=env)
+    assert result.returncode == 0, result.stderr
+    with open(cwd / "runs/train/train_log.csv") as f:
+        assert next(csv.DictReader(f))["val/bbox_mAP"] != ""
+    result = run_stage("evaluate", cwd, *flags, env=env)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((cwd / "runs/eval/metrics.json").read_text())
+    assert metrics["num_detections"] > 0 and "bbox_mAP" in metrics
+    # control: the stand-in is what the stages would have imported
+    result = subprocess.run([sys.executable, "-c", "import ultrafast_pycocotools"], capture_output=True, text=True,
+                            env={**os.environ, **env})
+    assert result.returncode == 1 and "used with backend pycocotools" in result.stderr

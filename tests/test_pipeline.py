@@ -107,7 +107,9 @@ def test_config_lists_the_models_that_models_builds():
 
 def test_param_values_select_keys():
     values = param_values("train", ROOT)
-    assert set(values["params/detpipe.yaml"]) == {"preset", "experiment", "seed", "device", "threads", "model", "train"}
+    assert set(values["params/detpipe.yaml"]) == {"preset", "experiment", "seed", "device", "threads", "model", "train",
+                                                  "evaluate.backend"}
+    assert values["params/detpipe.yaml"]["evaluate.backend"] == "ultrafast"  # a dotted key reads the nested value
     assert set(values) == {"params/detpipe.yaml", "params/presets/balloon_mask_rcnn.yaml",
                            "params/presets/kitti_tiny_faster_rcnn.yaml"}
 
@@ -117,7 +119,7 @@ def test_snakemake_lint_is_clean():
     assert out.returncode == 0 and "Congratulations" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
-HEAVY = {"torch", "torchvision", "pycocotools", "matplotlib", "mlflow", "cv2"}
+HEAVY = {"torch", "torchvision", "pycocotools", "ultrafast_pycocotools", "matplotlib", "mlflow", "cv2"}
 
 
 def test_function_local_imports_are_only_for_heavy_libraries():

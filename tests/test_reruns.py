@@ -31,6 +31,7 @@ PARAM_EDITS = {
     "model.fpn_channels": ({"train"}, 96),
     "train.lr": ({"train"}, 0.5),
     "evaluate.score_thr": ({"evaluate"}, 0.5),
+    "evaluate.backend": (MODEL_STAGES, "pycocotools"),  # train's validation scores with it too
     "report.score_thr": ({"report"}, 0.5),
 }
 CODE_EDITS = {
@@ -47,10 +48,12 @@ CODE_EDITS = {
     "detpipe/models.py": MODEL_STAGES,
     "detpipe/train.py": {"train"},
     "detpipe/evaluate.py": {"evaluate"},
+    "detpipe/analysis.py": {"evaluate"},
     "detpipe/tracking.py": {"train", "evaluate", "report"},
     "detpipe/images.py": {"train", "evaluate", "report"},
     "detpipe/config.py": ALL,
     "detpipe/apis.py": set(),
+    "detpipe/compare.py": set(),  # a command for people, in no stage
 }
 
 

@@ -1,7 +1,14 @@
 # Shared by every rule: stage definitions come from detpipe/pipeline.py, the same source as dvc.yaml.
 import glob
+import os
+import time
+import uuid
 
 from detpipe.pipeline import PLUGINS, STAGES, param_values
+
+# One id per snakemake invocation, in every rule's environment: the MLflow runs it starts carry it as the tag
+# snakemake_run (docs/tracking.md). setdefault: a Snakefile parsed again in a job keeps the invocation's id.
+os.environ.setdefault("DETPIPE_SNAKEMAKE_RUN", time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
 
 
 def stage_input(name):

@@ -1,0 +1,242 @@
+"""Training speed on a GPU: detpipe's loop with its speed levers beside a plain torchvision loop, same data.
+
+    python -m benchmarks.gpu_train_bench --json gpu_train_bench.json     # on a GPU machine, one call (~5 min)
+    python -m benchmarks.gpu_train_bench --smoke                         # the same code on the CPU, tiny sizes
+
+Generates photo-like JPEGs (800x1333 by default, 1-8 boxes each, box-shaped masks) in a temporary folder,
+then for each model (torchvision builders via detpipe.models.build_model, no weights) and each precision (fp32,
+bf16 autocast) trains, on the same images and batches of 8:
+
+* ``plain``: the loop of torchvision's detection references: PIL decode and float conversion in DataLoader workers,
+  ``.to(device)``, ``loss.item()`` every iteration, plain SGD;
+* ``ours``: ``detpipe.engine.train_one_epoch`` with the levers of docs/training.md ("GPU speed"): losses read at
+  log points only, fused SGD, channels_last, pinned memory and persistent workers, JPEGs decoded on the GPU
+  (nvJPEG), cuDNN benchmark except for Mask R-CNN, torch.compile of the backbone with ``--compile``; it clips
+  gradients (``train.clip_grad_norm`` 10) as the train stage does.
+
+Prints images per second after the warm-up iterations, the ratio ours/plain and peak GPU memory; writes JSON.
+Imports neither pycocotools nor MLflow (the lent GPU machines have neither).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+try:
+    from detpipe import engine
+    from detpipe.datasets import CocoDetection, collate
+    from detpipe.models import build_model
+except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
+    sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
+
+MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
+CLASSES = 5
+
+
+def make_images(folder: Path, distinct: int, total: int, height: int, width: int, seed: int = 0) -> Path:
+    """``distinct`` JPEGs (smooth background, noise, filled shapes) listed ``total`` times in a COCO file."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    boxes_of = []
+    yy, xx = np.mgrid[0:height, 0:width]
+    for i in range(distinct):
+        base = (np.stack([xx / width, yy / height, (xx + yy) / (width + height)], -1) * rng.uniform(60, 200, 3))
+        pixels = np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        boxes = []
+        for _ in range(rng.integers(1, 9)):
+            w, h = rng.uniform(0.05, 0.4) * width, rng.uniform(0.05, 0.4) * height
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            draw.ellipse([x, y, x + w, y + h], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            boxes.append(([round(x, 1), round(y, 1), round(w, 1), round(h, 1)], int(rng.integers(1, CLASSES + 1))))
+        image.save(folder / f"{i:04d}.jpg", quality=90)
+        boxes_of.append(boxes)
+    images, anns = [], []
+    for k in range(total):
+        images.append({"id": k + 1, "file_name": f"{k % distinct:04d}.jpg", "width": width, "height": height})
+        for bbox, cat in boxes_of[k % distinct]:
+            anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": cat, "bbox": bbox,
+                         "area": bbox[2] * bbox[3], "iscrowd": 0})
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": f"class{c}"} for c in range(1, CLASSES + 1)]}
+    (folder / "train.json").write_text(json.dumps(coco))
+    return folder / "train.json"
+
+
+class PlainDataset(torch.utils.data.Dataset):
+    """As torchvision's detection references read COCO: a PIL image made a float tensor in the worker."""
+
+    def __init__(self, coco_file: Path, with_masks: bool):
+        self.coco, self.root, self.with_masks = json.loads(coco_file.read_text()), coco_file.parent, with_masks
+        self.anns = {img["id"]: [] for img in self.coco["images"]}
+        for ann in self.coco["annotations"]:
+            self.anns[ann["image_id"]].append(ann)
+
+    def __len__(self) -> int:
+        return len(self.coco["images"])
+
+    def __getitem__(self, index: int):
+        from torchvision.transforms import functional as F
+
+        info = self.coco["images"][index]
+        image = F.to_tensor(Image.open(self.root / info["file_name"]).convert("RGB"))
+        anns = self.anns[info["id"]]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32)
+        target = {"boxes": boxes, "labels": torch.tensor([a["category_id"] for a in anns])}
+        if self.with_masks:
+            masks = torch.zeros(len(anns), info["height"], info["width"], dtype=torch.uint8)
+            for m, (x1, y1, x2, y2) in zip(masks, boxes.round().int().tolist()):
+                m[y1:y2, x1:x2] = 1
+            target["masks"] = masks
+        return image, target
+
+
+class Timed:
+    """Passes a loader's batches on; times the iterations after the first ``warmup`` (the GPU synced at both ends)."""
+
+    def __init__(self, loader, warmup: int, device: torch.device):
+        self.loader, self.warmup, self.device = loader, warmup, device
+        self.dataset = loader.dataset  # train_one_epoch decodes with the dataset's transforms
+        self.start = self.end = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.warmup:
+                self.start = self._sync()
+            yield batch
+        self.end = self._sync()
+
+
+def plain_loop(model, loader, device: torch.device, amp: bool) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    for images, targets in loader:
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = sum(model(images, targets).values())
+        if not np.isfinite(losses.item()):
+            raise FloatingPointError(f"loss is {losses.item()}")
+        optimizer.zero_grad()
+        losses.backward()
+        optimizer.step()
+
+
+def our_loop(model, loader, device: torch.device, amp: bool) -> None:
+    optimizer = engine.build_optimizer(model, lr=1e-3, momentum=0.9, weight_decay=1e-4, fused=True)
+    scheduler = engine.build_scheduler(optimizer, len(loader), 0, "constant")
+    engine.train_one_epoch(model, optimizer, scheduler, loader, device, 1, amp=amp, amp_dtype=torch.bfloat16,
+                           log_interval=20, deferred_sync=True, log=lambda msg: None)
+
+
+def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.device) -> dict:
+    masks = name.startswith("maskrcnn")
+    torch.manual_seed(0)
+    model = build_model(name, "resnet50", CLASSES + 1, min_size=args.min_size, max_size=args.max_size).to(device)
+    generator = torch.Generator().manual_seed(0)
+    cuda = device.type == "cuda"
+    if loop == "plain":
+        torch.backends.cudnn.benchmark = False
+        loader = torch.utils.data.DataLoader(PlainDataset(coco, masks), batch_size=args.batch, shuffle=True,
+                                             num_workers=args.workers, collate_fn=collate, generator=generator)
+    else:
+        engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks)
+        dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda)
+        loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
+                                     prefetch_factor=4, persistent_workers=args.workers > 0)
+    timed = Timed(loader, args.warmup, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    (plain_loop if loop == "plain" else our_loop)(model, timed, device, amp)
+    images = (len(loader) - args.warmup) * args.batch
+    row = {"model": name, "loop": loop, "amp": "bf16" if amp else "fp32", "images_timed": images,
+           "img_per_s": round(images / (timed.end - timed.start), 2),
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
+    del model, loader, timed
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny: 160x128 images, batch 2, 1 model, 2 timed iterations")
+    p.add_argument("--models", nargs="+", choices=MODELS, help=f"default: all four ({', '.join(MODELS)})")
+    p.add_argument("--amp", choices=("both", "off", "on"), default="both", help="fp32, bf16 autocast, or both")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per run")
+    p.add_argument("--warmup", type=int, default=5, help="iterations before timing starts")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers of both loops")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile the backbone (warm-up then compiles)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args()
+    height, width = 800, 1333
+    args.min_size, args.max_size = 800, 1333
+    if args.smoke:
+        height, width, args.min_size, args.max_size = 128, 160, 128, 160
+        args.batch, args.iters, args.warmup, args.workers = 2, 2, 1, 0
+        args.models, args.amp = args.models or ["fcos_resnet50_fpn"], "off"
+    device = engine.resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precisions = {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        coco = make_images(Path(tmp), min(32, args.batch * (args.warmup + args.iters)),
+                           args.batch * (args.warmup + args.iters), height, width)
+        for name in args.models or MODELS:
+            for amp in precisions:
+                pair = {}
+                for loop in ("plain", "ours"):
+                    try:
+                        pair[loop] = run_one(args, coco, name, loop, amp, device)
+                    except Exception as exc:  # one failure (out of memory, a NaN) must not lose the other runs
+                        pair[loop] = {"model": name, "loop": loop, "amp": "bf16" if amp else "fp32",
+                                      "error": f"{type(exc).__name__}: {exc}"[:500]}
+                        gc.collect()
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    print(json.dumps(pair[loop]), flush=True)
+                if "img_per_s" in pair["plain"] and "img_per_s" in pair["ours"]:
+                    pair["ours"]["ratio_to_plain"] = round(pair["ours"]["img_per_s"] / pair["plain"]["img_per_s"], 3)
+                results += [pair["plain"], pair["ours"]]
+    header = f"{'model':26} {'amp':5} {'plain img/s':>11} {'ours img/s':>10} {'ours/plain':>10} {'peak GiB p/o':>13}"
+    print(header)
+    for plain, ours in zip(results[::2], results[1::2]):
+        cell = lambda row, key: f"{row[key]}" if row.get(key) is not None else row.get("error", "-")[:20]
+        print(f"{plain['model']:26} {plain['amp']:5} {cell(plain, 'img_per_s'):>11} {cell(ours, 'img_per_s'):>10} "
+              f"{cell(ours, 'ratio_to_plain'):>10} {cell(plain, 'peak_mem_gib'):>6}/{cell(ours, 'peak_mem_gib'):<6}")
+    if args.json:
+        info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
+                "image_size": [height, width], "timed_iters": args.iters, "warmup_iters": args.warmup,
+                "workers": args.workers, "compile": args.compile, "smoke": args.smoke}
+        args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
