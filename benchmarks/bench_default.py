@@ -1,14 +1,18 @@
-"""Benchmark the default pipeline: wall time and peak memory of each stage, and the metrics reached.
+"""Benchmark the default pipeline: seconds of each stage, training speed, the metrics, and their spread.
 
-    python -m benchmarks.bench_default --json docs/bench_default.json
+    python -m benchmarks.bench_default --seeds 0 1 2 --avx2 --snakemake --json docs/bench_default.json
 
-Runs the five stage scripts in order on the current params inside a scratch copy of the project (so
-the workspace and its MLflow store are untouched), prints a table and writes the figures as JSON.
+Runs the five stage scripts in order on the current params inside a scratch copy of the project (so the
+workspace and its MLflow store are untouched), then train + evaluate again for each further seed and, with
+``--avx2``, for the first seed on AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2``: what another CPU model would run). ``--snakemake`` also times the user's
+command, ``snakemake --cores 1 report``, from scratch in a second copy. Prints tables and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -22,52 +26,117 @@ from pathlib import Path
 
 from detpipe.pipeline import STAGES
 
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+COPY = ("detpipe", "stages", "params", "workflow", "Snakefile")
 
-def run_stages(root: Path) -> list[dict]:
-    rows = []
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def scratch_copy(src: Path, dest: Path) -> Path:
+    for name in COPY:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src / name, dest / name)
+    return dest
+
+
+def tool_env(extra: dict | None = None) -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
-    for name, stage in STAGES.items():
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        subprocess.run(stage.cmd.split(), cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        rows.append({"stage": name, "wall_s": round(time.perf_counter() - start, 1),
-                     "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
-                     "peak_rss_mb": round(after.ru_maxrss / 1024)})  # a high-water mark over all children so far
-    return rows
+    return env
+
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> dict:
+    """Wall and CPU seconds and the peak RSS of one command (its children included)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": round(time.perf_counter() - start, 1),
+            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+            "peak_rss_mb": round(after.ru_maxrss / 1024)}  # a high-water mark over all children so far
+
+
+def training(root: Path) -> dict:
+    """The metrics, the training speed and the val curve of the run in ``root``."""
+    metrics = json.loads((root / "runs/eval/metrics.json").read_text())
+    with open(root / "runs/train/train_log.csv", newline="") as f:
+        log = list(csv.DictReader(f))
+    speed = [float(r["train/img_per_s"]) for r in log]
+    curve = [round(float(r["val/bbox_mAP_50"]), 4) for r in log if r.get("val/bbox_mAP_50")]
+    return {"bbox_mAP": metrics["bbox_mAP"], "bbox_mAP_50": metrics["bbox_mAP_50"],
+            "train_img_per_s": round(sum(speed) / len(speed), 1), "val_mAP_50_per_epoch": curve}
+
+
+def run_variant(root: Path, seed: int, kernels: str) -> dict:
+    """Train and evaluate again with ``seed`` on ``kernels`` (native or avx2); download and convert are shared."""
+    env = tool_env(AVX2 if kernels == "avx2" else None)
+    row = {"seed": seed, "kernels": kernels}
+    for name in ("train", "evaluate"):
+        cmd = [*STAGES[name].cmd.split(), "--set", f"seed={seed}"]
+        row[f"{name}_s"] = timed(cmd, root, env)["wall_s"]
+    return {**row, **training(root)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to train (the first also runs the stages)")
+    p.add_argument("--avx2", action="store_true", help="also train the first seed on AVX2 kernels")
+    p.add_argument("--snakemake", action="store_true", help="also time `snakemake --cores 1 report` from scratch")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
     src = Path.cwd()
+    result = {"machine": machine(), "params": (src / "params/detpipe.yaml").read_text()}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for name in ("detpipe", "stages", "params"):
-            shutil.copytree(src / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        rows = run_stages(root)
-        metrics = json.loads((root / "runs/eval/metrics.json").read_text())
-        history = (root / "runs/train/train_log.csv").read_text().splitlines()
-    total = round(sum(r["wall_s"] for r in rows), 1)
+        root = scratch_copy(src, Path(tmp) / "stages")
+        env = tool_env()
+        stages = []
+        for name, stage in STAGES.items():
+            cmd = [*stage.cmd.split(), "--set", f"seed={args.seeds[0]}"]
+            stages.append({"stage": name, **timed(cmd, root, env)})
+        runs = [{"seed": args.seeds[0], "kernels": "native", "train_s": stages[2]["wall_s"],
+                 "evaluate_s": stages[3]["wall_s"], **training(root)}]
+        runs += [run_variant(root, seed, "native") for seed in args.seeds[1:]]
+        if args.avx2:
+            runs.append(run_variant(root, args.seeds[0], "avx2"))
+        if args.snakemake:
+            snake_root = scratch_copy(src, Path(tmp) / "snakemake")
+            result["snakemake_report_s"] = timed(["snakemake", "--cores", "1", "report"], snake_root, env)["wall_s"]
+    values = [r["bbox_mAP_50"] for r in runs]
+    result.update(stages=stages, total_wall_s=round(sum(r["wall_s"] for r in stages), 1), runs=runs,
+                  spread_mAP_50=round(max(values) - min(values), 4))
     print(f"{'stage':<10}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")
-    for r in rows:
+    for r in stages:
         print(f"{r['stage']:<10}{r['wall_s']:>8}{r['cpu_s']:>8}{r['peak_rss_mb']:>13}")
-    print(f"{'total':<10}{total:>8}")
-    for t in ("bbox", "segm"):
-        if f"{t}_mAP" in metrics:
-            print("  ".join(f"{t}_{k} {metrics[f'{t}_{k}']:.3f}" for k in ("mAP", "mAP_50", "mAP_75")))
-    import torch
-
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                          "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-                          else None},
-              "stages": rows, "total_wall_s": total, "metrics": metrics, "train_log": history,
-              "params": (src / "params/detpipe.yaml").read_text()}
+    print(f"{'total':<10}{result['total_wall_s']:>8}")
+    if "snakemake_report_s" in result:
+        print(f"snakemake --cores 1 report, from scratch: {result['snakemake_report_s']} s")
+    print(f"\n{'seed':>4} {'kernels':<8}{'train s':>9}{'img/s':>7}{'mAP':>8}{'mAP50':>8}  val mAP50 per epoch")
+    for r in runs:
+        print(f"{r['seed']:>4} {r['kernels']:<8}{r['train_s']:>9}{r['train_img_per_s']:>7}{r['bbox_mAP']:>8.3f}"
+              f"{r['bbox_mAP_50']:>8.3f}  {' '.join(f'{v:.3f}' for v in r['val_mAP_50_per_epoch'])}")
+    print(f"spread of bbox mAP@0.5 (max - min): {result['spread_mAP_50']:.3f}   CPU: {result['machine']['cpu']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 if __name__ == "__main__":

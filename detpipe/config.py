@@ -138,7 +138,8 @@ SCHEMA: dict[str, Any] = {
                                                      "pycocotools", "ultrafast"),
     },
     "report": {
-        "num_samples": Key(int, "val images drawn with predictions beside ground truth", ge=0),
+        "num_samples": Key(int, "training images drawn with their ground truth; also the most worst and good "
+                                "val images drawn", ge=0),
         "score_thr": Key(float, "detections below this score are not drawn", ge=0, le=1),
     },
 }
