@@ -75,8 +75,10 @@ def training(root: Path) -> dict:
         log = list(csv.DictReader(f))
     speed = [float(r["train/img_per_s"]) for r in log]
     curve = [round(float(r["val/bbox_mAP_50"]), 4) for r in log if r.get("val/bbox_mAP_50")]
+    val_s = sum(float(r["val/seconds"]) for r in log if r.get("val/seconds"))
     return {"bbox_mAP": metrics["bbox_mAP"], "bbox_mAP_50": metrics["bbox_mAP_50"],
-            "train_img_per_s": round(sum(speed) / len(speed), 1), "val_mAP_50_per_epoch": curve}
+            "train_img_per_s": round(sum(speed) / len(speed), 1), "val_mAP_50_per_epoch": curve,
+            "val_share": round(val_s / sum(float(r["train/seconds"]) for r in log), 4)}
 
 
 def run_variant(root: Path, seed: int, kernels: str) -> dict:
@@ -122,9 +124,11 @@ def main() -> None:
     print(f"{'total':<10}{result['total_wall_s']:>8}")
     if "snakemake_report_s" in result:
         print(f"snakemake --cores 1 report, from scratch: {result['snakemake_report_s']} s")
-    print(f"\n{'seed':>4} {'kernels':<8}{'train s':>9}{'img/s':>7}{'mAP':>8}{'mAP50':>8}  val mAP50 per epoch")
+    print(f"\n{'seed':>4} {'kernels':<8}{'train s':>9}{'img/s':>7}{'val %':>7}{'mAP':>8}{'mAP50':>8}  "
+          "val mAP50 by epoch")
     for r in runs:
-        print(f"{r['seed']:>4} {r['kernels']:<8}{r['train_s']:>9}{r['train_img_per_s']:>7}{r['bbox_mAP']:>8.3f}"
+        print(f"{r['seed']:>4} {r['kernels']:<8}{r['train_s']:>9}{r['train_img_per_s']:>7}"
+              f"{100 * r['val_share']:>7.1f}{r['bbox_mAP']:>8.3f}"
               f"{r['bbox_mAP_50']:>8.3f}  {' '.join(f'{v:.3f}' for v in r['val_mAP_50_per_epoch'])}")
     print(f"spread of bbox mAP@0.5 (max - min): {result['spread_mAP_50']:.3f}   CPU: {result['machine']['cpu']}")
     if args.json:

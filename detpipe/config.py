@@ -26,7 +26,7 @@ ARCHITECTURES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite",  # sm
                  "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
                  "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
                  "ssdlite320_mobilenet_v3_large")  # torchvision's builders, by name (docs/models.md)
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
     n = len(loader)
     return {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
             **{f"train_{k}": v / n for k, v in sums.items()},
-            "train_img_per_s": seen / (time.time() - epoch_start)}
+            "train_img_per_s": seen / (time.time() - epoch_start), "train_seconds": time.time() - epoch_start}
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ BUILDERS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn
             "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
             "ssdlite320_mobilenet_v3_large")
 ARCHITECTURES = SMALL + BUILDERS
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 MASK_MODELS = ("maskrcnn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 ARCH_DEFAULT = -1  # score_thresh, nms_thresh, detections_per_img: keep the architecture's own default
 
@@ -132,7 +132,13 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
         # its head normalises with GroupNorm(32 groups); one channel per group fails on a 1x1 level
         raise DetpipeError(f"model.fpn_channels: fcos needs a multiple of 32 of at least 64, got {fpn_channels}")
     if backbone.startswith("resnet"):
-        body = resnet.__dict__[backbone](weights=weights, norm_layer=norm)
+        if backbone == "resnet10":  # ResNet-18 with one block per stage: no ImageNet weights, trained from scratch
+            if pretrained_backbone:
+                raise DetpipeError("model.pretrained_backbone: resnet10 has no ImageNet weights; use resnet18 or set "
+                                   "it to false")
+            body = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm)
+        else:
+            body = resnet.__dict__[backbone](weights=weights, norm_layer=norm)
         if pretrained_backbone:  # fine-tune the top stages only, as torchvision's recipes do
             for pname, p in body.named_parameters():
                 p.requires_grad_(pname.startswith(("layer2", "layer3", "layer4")))

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,9 +140,9 @@ def run_name(cfg: config.Config, params: dict, hashes: dict) -> str:
 
 def epoch_row(row: dict) -> dict:
     """The engine's epoch log with the names MLflow and ``train_log.csv`` show: ``train/lr``, ``train/img_per_s``,
-    ``train/loss`` (the sum) and each of the model's losses as ``train/loss_<name>`` (``train/loss_classifier``)."""
+    ``train/seconds``, ``train/loss`` (the sum) and each of the model's losses as ``train/loss_<name>``."""
     def name(key: str) -> str:
-        if key in ("epoch", "lr", "train_img_per_s", "train_loss"):
+        if key in ("epoch", "lr", "train_img_per_s", "train_seconds", "train_loss"):
             return {"epoch": "epoch", "lr": "train/lr"}.get(key, key.replace("train_", "train/", 1))
         loss = key.removeprefix("train_")
         return f"train/{loss if loss.startswith('loss') else 'loss_' + loss}"
@@ -291,9 +292,11 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
                 log=say if world.main else (lambda msg: None))
             row = epoch_row(row)
             if world.main and (epoch % t.val_interval == 0 or epoch == t.epochs):
+                val_start = time.perf_counter()
                 _, evals = engine.evaluate(model, val_set, device, batch_size=t.batch_size,
                                            backend=cfg.evaluate.backend)
                 row.update({f"val/{k}": v for k, v in named_stats(evals).items()})  # val/bbox_mAP, ...
+                row["val/seconds"] = time.perf_counter() - val_start  # its share of training: docs/performance.md
                 if t.best_metric != "last":
                     if _improved(row, best, t.best_metric):
                         best, stale = {"epoch": epoch, "value": row[f"val/{t.best_metric}"]}, 0

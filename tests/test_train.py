@@ -17,6 +17,8 @@ from detpipe import engine
 from detpipe.models import build_model
 from tests.conftest import ROOT, run_stage
 
+TIMING = ("train_img_per_s", "train/img_per_s", "train/seconds", "val/seconds")  # differ between equal runs
+
 
 def copy(converted, dest) -> Path:
     shutil.copytree(converted, dest)
@@ -24,9 +26,9 @@ def copy(converted, dest) -> Path:
 
 
 def log_rows(cwd) -> list[dict]:
-    """train_log.csv without the timing column (the only one that may differ between equal runs)."""
+    """train_log.csv without the timing columns (the only ones that may differ between equal runs)."""
     with open(cwd / "runs/train/train_log.csv") as f:
-        return [{k: v for k, v in row.items() if k != "train/img_per_s"} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
 
 
 def runs(cwd) -> list[tuple[str, str]]:
