@@ -29,6 +29,7 @@ TINY = {
     "train.batch_size": 4,
     "train.warmup_iters": 2,
     "train.log_interval": 1,
+    "train.val_interval": 1,
     "report.num_samples": 2,
 }
 TINY_DATA = {"num_train": 8, "num_val": 4, "image_size": 64, "max_objects": 3}
@@ -52,6 +53,27 @@ def write_tiny_params(folder: Path, **changes) -> Path:
     (folder / "params/detpipe.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (folder / "params/datasets.yaml").write_text(yaml.safe_dump(datasets, sort_keys=False))
     return folder / "params/detpipe.yaml"
+
+
+def repo_param(section: str, key: str):
+    """A value of the repository's params/detpipe.yaml (tiny params keep what TINY does not set)."""
+    return yaml.safe_load((ROOT / "params/detpipe.yaml").read_text())[section][key]
+
+
+def default_lr() -> str:
+    """The repository's ``train.lr`` as MLflow records it."""
+    return str(float(repo_param("train", "lr")))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process training on the two shared cores: one torch thread runs many times faster than two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 import yaml
 
-from tests.conftest import set_dotted, sh
+from tests.conftest import default_lr, set_dotted, sh
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_mlflow_holds_the_run_with_params_curves_metrics_and_artifacts(pipeline_
     [(status,)] = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchall()
     assert status == "FINISHED"
     params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)))
-    assert params["train.lr"] == "0.02" and params["model.name"] == "fcos" and params["dataset"] == "synthetic"
+    assert params["train.lr"] == default_lr() and params["model.name"] == "fcos" and params["dataset"] == "synthetic"
     steps = db.execute("select step from metrics where run_uuid=? and key='val/bbox_mAP'", (run_id,)).fetchall()
     assert sorted(s for (s,) in steps) == [1, 2]
     names = {k for (k,) in db.execute("select key from latest_metrics where run_uuid=?", (run_id,))}

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from detpipe import compare, tracking
 from detpipe.errors import DetpipeError
 from detpipe.files import tree_hash
-from tests.conftest import BIN, ROOT, copy_repo, run_stage, sh, write_tiny_params
+from tests.conftest import BIN, ROOT, copy_repo, default_lr, repo_param, run_stage, sh, write_tiny_params
 
 
 def client(cwd: Path) -> MlflowClient:
@@ -79,7 +79,7 @@ def test_training_run_holds_curated_params_tags_and_named_curves(project):
     cwd, seen = project
     run = record(cwd, seen["train"])
     params, tags = run["params"], run["tags"]
-    assert params["train.lr"] == "0.02" and params["model.name"] == "fcos" and params["dataset"] == "synthetic"
+    assert params["train.lr"] == default_lr() and params["model.name"] == "fcos" and params["dataset"] == "synthetic"
     assert {"seed", "preset", "train.epochs", "train.batch_size", "model.backbone"} <= set(params)
     assert not {"train.num_workers", "train.log_interval", "train.resume", "device", "threads"} & set(params)
     assert not any(k.startswith(("data.", "evaluate.", "report.")) for k in params)
@@ -87,7 +87,8 @@ def test_training_run_holds_curated_params_tags_and_named_curves(project):
     assert tags["data_hash"] == tree_hash(cwd / "data/coco") == seen["train_json"]["data_hash"]
     assert tags["raw_data_hash"] == stats["content_hash"] == seen["train_json"]["raw_data_hash"]
     assert (tags["stage"], tags["model"], tags["dataset"], tags["launcher"]) == ("train", "fcos", "synthetic", "manual")
-    assert re.fullmatch(r"fcos-resnet18-synthetic-lr0\.02-[0-9a-f]{7}", tags["mlflow.runName"])
+    name = f"fcos-{repo_param('model', 'backbone')}-synthetic-lr{float(default_lr()):g}"
+    assert re.fullmatch(re.escape(name) + r"-[0-9a-f]{7}", tags["mlflow.runName"])
     # one name per metric everywhere: MLflow's curves are train_log.csv's columns, logged at step = epoch
     assert set(run["metrics"]) == set(seen["train_columns"]) - {"epoch"}
     assert {"train/loss", "train/lr", "train/loss_classification", "val/bbox_mAP", "val/bbox_mAP_50",
@@ -198,7 +199,7 @@ def test_compare_lists_the_training_runs_with_their_latest_evaluation(project):
     assert {"train.lr", "evaluate.score_thr"} <= set(rows[0]) and "model.name" not in rows[0]
     by_id = {r["run_id"]: r for r in rows}
     first = by_id[seen["train"]]
-    assert (first["train.lr"], first["evaluate.score_thr"]) == ("0.02", "0.3")  # eval2, not eval1
+    assert (first["train.lr"], first["evaluate.score_thr"]) == (default_lr(), "0.3")  # eval2, not eval1
     assert float(first["bbox_mAP"]) == pytest.approx(seen["eval2_metrics"]["bbox_mAP"], abs=1e-4)
     assert float(by_id[seen["train_b"]]["bbox_mAP"]) == pytest.approx(seen["eval_b_metrics"]["bbox_mAP"], abs=1e-4)
     assert first["data_hash"] == tree_hash(cwd / "data/coco")[:12] and first["launch"] == "manual"

@@ -38,7 +38,7 @@ def runs(cwd) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_a_killed_training_resumes_and_ends_as_an_uninterrupted_one(converted, tmp_path):
-    args = ("--set", "train.epochs=6")
+    args = ("--set", "train.epochs=6", "--set", "train.val_interval=1")
     whole = copy(converted, tmp_path / "whole")
     assert run_stage("train", whole, *args).returncode == 0
 
