@@ -46,16 +46,18 @@ def _read_csv(path: Path, what: str, columns: tuple[str, ...], allow_empty: bool
     return rows
 
 
-def read_yaml_mapping(path: Path, what: str) -> config.Config:
+def read_yaml_mapping(path: Path, what: str) -> tuple[config.Config, str]:
+    """The training config as a Config, and its text as written (shown on the page): one read."""
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise DetpipeError(f"{path}: {what} is missing") from None
     except yaml.YAMLError as exc:
         raise DetpipeError(f"{path}: malformed YAML in {what} ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict) or not {"dataset", "model", "train"} <= data.keys():
         raise DetpipeError(f"{path}: {what} lacks dataset, model or train")
-    return config.Config(data)
+    return config.Config(data), text
 
 
 def _inputs(data_dir: Path, train_dir: Path, eval_dir: Path) -> dict:
@@ -70,7 +72,7 @@ def _inputs(data_dir: Path, train_dir: Path, eval_dir: Path) -> dict:
     predictions = read_json(eval_dir / "predictions.json", "predictions")
     if not isinstance(predictions, list):
         raise DetpipeError(f"{eval_dir / 'predictions.json'}: predictions are not a JSON list")
-    trained = read_yaml_mapping(train_dir / "config.yaml", "training config")
+    trained, config_text = read_yaml_mapping(train_dir / "config.yaml", "training config")
     stats = read_json_keys(data_dir / "stats.json", "conversion stats", ("splits",))
     coco_keys = ("images", "annotations", "categories")
     splits = {s: read_json_keys(data_dir / f"{s}.json", "COCO file", coco_keys) for s in stats["splits"]}
@@ -93,7 +95,7 @@ def _inputs(data_dir: Path, train_dir: Path, eval_dir: Path) -> dict:
         "pr_curves": _read_csv(eval_dir / "plots/pr_curves.csv", "precision-recall curves",
                                ("class", "recall", "precision"), allow_empty=True),
         "trained": trained,
-        "config_text": (train_dir / "config.yaml").read_text(),
+        "config_text": config_text,
     }
 
 
