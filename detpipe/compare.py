@@ -54,7 +54,8 @@ def run(experiment: str, out: Path | None = None) -> list[dict]:
     if out is not None and Path(out).suffix not in WRITERS:
         raise DetpipeError(f"{out}: --out must end in .csv or .md")
     rows = tracking.comparison(experiment)
-    print(f"experiment {experiment!r}: {len(rows)} training runs, best first ({tracking.tracking_uri()})")
+    store = tracking.without_credentials(tracking.tracking_uri())
+    print(f"experiment {experiment!r}: {len(rows)} training runs, best first ({store})")
     print(text(rows), end="")
     if out is not None:
         write_text(Path(out), WRITERS[Path(out).suffix](rows))

@@ -144,6 +144,21 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
+
+def _job(threads: int, mem_mb: int, runtime: int) -> dict[str, Key]:
+    """What one stage's job asks a cluster for (Snakemake resources; SLURM through workflow/profiles/slurm)."""
+    return {
+        "threads": Key(int, "CPU cores (Snakemake threads; SLURM --cpus-per-task)", threads, ge=1),
+        "mem_mb": Key(int, "memory in MB (SLURM --mem)", mem_mb, ge=1),
+        "runtime": Key(int, "wall-clock limit in minutes (SLURM --time)", runtime, ge=1),
+        "gpus": Key(int, "GPUs (SLURM --gpus); needs device auto or cuda", 0, ge=0),
+    }
+
+
+# Read by the Snakefile only: no stage reads them, so changing one reruns nothing (docs/scale-out.md).
+SCHEMA["resources"] = {"download": _job(1, 2000, 60), "convert": _job(1, 4000, 60), "train": _job(4, 16000, 240),
+                       "evaluate": _job(2, 8000, 60), "report": _job(1, 4000, 30)}
+
 DATASET_SCHEMA: dict[str, Any] = {
     "source": Key(("synthetic", "url", "local"), "where the raw files come from"),
     "format": Key(str, "raw annotation format: coco, kitti, via, voc, yolo or one registered in workflow/formats/"),
@@ -285,6 +300,14 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     if data["model"]["max_size"] < data["model"]["min_size"]:
         raise DetpipeError(f"{path}: model.max_size ({data['model']['max_size']}) is less than model.min_size "
                            f"({data['model']['min_size']})")
+    for stage, job in data["resources"].items():
+        if job["gpus"] and data["device"] == "cpu":
+            raise DetpipeError(f"{path}: resources.{stage}.gpus asks the cluster for {job['gpus']} GPU(s) but device "
+                               "is cpu; set device to auto or cuda, or gpus to 0")
+    gpus, processes = data["resources"]["train"]["gpus"], data["train"]["processes"]
+    if gpus and processes > 1 and processes != gpus:
+        raise DetpipeError(f"{path}: train.processes is {processes} but resources.train.gpus is {gpus}: on GPUs the "
+                           "train stage runs one process per GPU, so make them equal")
     registry_path = Path(datasets) if datasets else path.parent / DATASETS_FILE.name
     data["data"] = load_dataset_entry(registry_path, data["dataset"])
     return Config(data)

@@ -35,9 +35,15 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def set_threads(threads: int) -> None:
-    """Use ``threads`` CPU threads (0: every core). Snakemake exports OMP_NUM_THREADS=1 to single-thread
-    rules, which would make training on the CPU about half as fast on two cores; the param decides instead."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Use ``threads`` CPU threads (0: every core this process may use: a SLURM job's ``--cpus-per-task``, else
+    the CPUs it is pinned to). Snakemake exports OMP_NUM_THREADS=1 to single-thread rules, which would make
+    training on the CPU about half as fast on two cores; the param decides instead."""
+    torch.set_num_threads(threads or usable_cpus())
+
+
+def usable_cpus() -> int:
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else len(os.sched_getaffinity(0)) or 1
 
 
 def resolve_device(device) -> torch.device:

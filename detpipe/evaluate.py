@@ -111,7 +111,7 @@ def _log_child(cfg, parent: tracking.Run, out: Path, metrics: dict, model_file: 
                           "data_hash": tree_hash(data_dir)})
         child.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         write_json(out / "run.json", {"run_id": child.run_id, "parent_run_id": parent.run_id,
-                                      "tracking_uri": tracking.tracking_uri()})
+                                      "tracking_uri": tracking.without_credentials(tracking.tracking_uri())})
         child.log_artifacts(out)
     except BaseException:
         child.end("FAILED")

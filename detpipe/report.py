@@ -340,7 +340,7 @@ def reproduce_command(commit: str, tags: dict) -> str:
 
 def mlflow_links(run: dict, mlflow: dict) -> tuple[str, str, str]:
     """The MLflow UI (and how to start it) and links to the experiment's runs and to this run."""
-    uri = run["tracking_uri"]
+    uri = tracking.without_credentials(run["tracking_uri"])  # a record written before credentials were stripped
     if uri.startswith(("http://", "https://")):
         ui, start = uri.rstrip("/"), ""
     else:
@@ -362,7 +362,7 @@ def provenance_section(inputs: dict, mlflow: dict) -> str:
              else "not logged (evaluate --checkpoint)"),
             ("experiment", f'{html.escape(run["experiment"])} (<a href="{html.escape(runs_link)}">runs in the '
                            'MLflow UI</a>)'),
-            ("tracking URI", f"<code>{html.escape(run['tracking_uri'])}</code>"),
+            ("tracking URI", f"<code>{html.escape(tracking.without_credentials(run['tracking_uri']))}</code>"),
             ("git commit", f"<code>{html.escape(run['git_commit'])}</code>"),
             *((k.replace("_", " "), f"<code>{html.escape(str(v))}</code>") for k, v in hashes),
             ("launched by", html.escape(mlflow["tags"].get("launcher", "unknown"))),

@@ -7,7 +7,9 @@ with the DVC experiment's name and baseline or the Snakemake invocation's id). d
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``mlflow.db`` (artifacts in ``mlruns/``) in the project root:
 the folder DVC names in ``DVC_ROOT`` (a queued ``dvc exp run`` works in a temporary copy under
-``.dvc/tmp/exps/``, whose store would vanish with it), else the working directory.
+``.dvc/tmp/exps/``, whose store would vanish with it), else the working directory. A tracking server must answer
+a first quick request (``check_server``); a URI is recorded and printed without its credentials
+(``without_credentials``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
+import urllib.parse
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -48,12 +52,59 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root or project_root()).resolve() / STORE}"
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` without its userinfo (``user:password@``): the form to record in files, runs and pages, or print.
+    ``http://me:secret@host:5000/`` becomes ``http://host:5000/``; a URI without credentials stays as it is."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+PROBE_TIMEOUT_S = 15
+_answered: set[str] = set()  # tracking servers that answered this process's probe
+
+
+def check_server(uri: str) -> None:
+    """A tracking server (an ``http(s)://`` URI) must answer one request, without MLflow's retries (minutes of
+    them), before the first real one: one that is down, unknown or refuses the credentials is a one-line error
+    naming the URI (without credentials) at once, not after minutes of retries or halfway through a stage."""
+    if not uri.startswith(("http://", "https://")) or uri in _answered:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        with _environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except (MlflowException, OSError) as exc:
+        raise DetpipeError(f"MLFLOW_TRACKING_URI={without_credentials(uri)}: no usable MLflow tracking server there "
+                           f"({_why(str(exc))}); start it (docs/scale-out.md), or unset MLFLOW_TRACKING_URI to log "
+                           "to the project's mlflow.db") from None
+    _answered.add(uri)
+
+
+def _why(message: str) -> str:
+    """The gist of a failed request's (long, nested) message, free of credentials."""
+    if found := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", message):
+        return found[1].strip().rstrip(".")  # Connection refused, Name or service not known, ...
+    if re.search(r"timed? ?out", message, re.IGNORECASE):
+        return f"no answer within {PROBE_TIMEOUT_S} s"
+    if found := re.search(r"error code (\d+)", message):
+        code = int(found[1])
+        hint = ": set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if code in (401, 403) else ""
+        return f"HTTP {code}{hint}"
+    return re.sub(r"//[^/@\s]*@", "//", message.strip().splitlines()[0] if message.strip() else "no answer")[:200]
+
+
 def _client(root: Path | None = None):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri(root))
+    uri = tracking_uri(root)
+    check_server(uri)
+    return MlflowClient(uri)
 
 
 def experiment_id(client, name: str, root: Path | None = None) -> str:
@@ -109,7 +160,8 @@ class Run:
         try:
             run.client.get_run(run_id)
         except MlflowException:
-            raise DetpipeError(f"{record}: MLflow run {run_id} is not in the store {tracking_uri(root)}; "
+            raise DetpipeError(f"{record}: MLflow run {run_id} is not in the store "
+                               f"{without_credentials(tracking_uri(root))}; "
                                "rerun the train stage (or set MLFLOW_TRACKING_URI to the store it used)") from None
         return run
 
@@ -187,7 +239,12 @@ class Run:
         self.client.update_run(self.run_id, status="RUNNING")
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        # Ending a run on a tracking server, MLflow prints links to it built from the URI as given: not when that
+        # holds credentials.
+        uri = tracking_uri(self.root)
+        quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if without_credentials(uri) != uri else {}
+        with _environ(quiet):
+            self.client.set_terminated(self.run_id, status)
 
 
 @contextlib.contextmanager
@@ -227,7 +284,7 @@ def comparison(experiment: str, root: Path | None = None, limit: int = 10000) ->
     of its latest evaluate child run (the training run itself holds per-epoch ``val/`` curves only), and the
     params (training run's, and the ``evaluate.*`` and ``split`` of that evaluation) that differ between rows.
     """
-    uri = tracking_uri(root)
+    uri = without_credentials(tracking_uri(root))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise DetpipeError(f"{uri}: no MLflow store here; run the train stage first (or set MLFLOW_TRACKING_URI)")
     client = _client(root)

@@ -194,6 +194,8 @@ def _check_distributed(cfg: config.Config, world: distributed.World) -> None:
 def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.device, world) -> list[dict]:
     m, t = cfg.model, cfg.train
     say = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if world.main else (lambda *a, **k: None)
+    if world.main:  # a tracking server that is down fails the stage now, not after the data and model are built
+        tracking.check_server(tracking.tracking_uri())
     train_set, val_set, stats = _datasets(cfg, data_dir, image_root, rank=world.rank)
     if t.gpu_decode and device.type != "cuda":
         raise DetpipeError(f"train.gpu_decode: decodes JPEGs on a CUDA GPU, but the device is {device.type}; "
@@ -371,6 +373,7 @@ def _write_outputs(cfg, out, ckpt_dir, train_set, model, history, best, run, com
         atomic_torch_save({"model": weights, "meta": meta}, tmp / "model.pt")
         model_uri = run.log_model(load_checkpoint(tmp / "model.pt")[0], example)
         write_json(tmp / "run.json", {"run_id": run.run_id, "experiment": cfg.experiment,
-                                      "tracking_uri": tracking.tracking_uri(), "model_uri": model_uri,
-                                      "device": str(device), "git_commit": commit, **hashes})
+                                      "tracking_uri": tracking.without_credentials(tracking.tracking_uri()),
+                                      "model_uri": model_uri, "device": str(device), "git_commit": commit,
+                                      **hashes})
         run.log_artifact(tmp / "train_log.csv")

@@ -112,3 +112,12 @@ def test_bad_presets_are_one_line(tiny_params):
     (presets / "loop.yaml").write_text("preset: mine\n")
     with pytest.raises(DetpipeError, match="cannot name another preset"):
         config.load(tiny_params, ["preset=loop"])
+
+
+def test_a_gpu_request_needs_a_gpu_device_and_one_process_per_gpu(tiny_params):
+    with pytest.raises(DetpipeError, match="resources.train.gpus asks the cluster for 1 GPU.* but device is cpu"):
+        config.load(tiny_params, ["device=cpu", "resources.train.gpus=1"])
+    with pytest.raises(DetpipeError, match="train.processes is 3 but resources.train.gpus is 2"):
+        config.load(tiny_params, ["device=auto", "resources.train.gpus=2", "train.processes=3"])
+    cfg = config.load(tiny_params, ["device=auto", "resources.train.gpus=2", "train.processes=2"])
+    assert cfg.resources["train"] == {"threads": 4, "mem_mb": 16000, "runtime": 240, "gpus": 2}

@@ -9,17 +9,15 @@ is enabled, decides the experiment kind).
 """
 
 import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 
 import pytest
 
 from detpipe import report, tracking
 from tests.browser import Browser, chromium_path
 from tests.conftest import BIN
+from tests.services import free_port
+from tests.services.mlflow_server import SERVER_ENV, stop, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -54,19 +52,6 @@ def store(tmp_path_factory):
     return root, ids, experiment_id
 
 
-def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow ui exited with status {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("mlflow ui did not start")
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(store):
     """``mlflow ui`` on a free port of 127.0.0.1, started as the report says (its --backend-store-uri)."""
@@ -75,7 +60,7 @@ def mlflow_ui(store):
                                       {"experiment_id": experiment_id})
     args = start.split()
     assert args[:2] == ["mlflow", "ui"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **SERVER_ENV}
     port = free_port()
     proc = subprocess.Popen([BIN / "mlflow", "ui", *args[2:], "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"], cwd=root, env=env, stdout=subprocess.DEVNULL,
@@ -85,14 +70,7 @@ def mlflow_ui(store):
         wait_until_up(url, proc)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        stop(proc)
 
 
 def user_link(mlflow_ui: str, store) -> str:

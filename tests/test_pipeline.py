@@ -34,6 +34,33 @@ def test_snakemake_runs_each_stage_with_the_dvc_command_and_a_log():
         assert f"rule {name}:" in out
 
 
+def test_each_rule_asks_for_its_stages_resources_and_bad_params_stop_snakemake_up_front(tmp_path):
+    """The rules' threads, memory, minutes and GPUs come from params/detpipe.yaml `resources`; a params file
+    that does not validate stops Snakemake before any job, with the validation's one line."""
+    out = subprocess.run([BIN / "snakemake", "--cores", "64", "--dry-run", "--forceall", "report"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    wanted = config.load(ROOT / "params/detpipe.yaml").resources
+    for name in STAGES:
+        block = out[out.index(f"rule {name}:"):]
+        block = block[:block.index("\n\n")] if "\n\n" in block else block
+        job = wanted[name]
+        assert f"threads: {job['threads']}" in block or job["threads"] == 1, (name, block)
+        for part in (f"runtime={job['runtime']}", f"gpu={job['gpus']}", f"mem_mb={job['mem_mb']}"):
+            assert part in block, (name, part, block)
+    for name in ("Snakefile", "workflow"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "params").mkdir()
+    params = (ROOT / "params/detpipe.yaml").read_text().replace("device: auto", "device: cpu")
+    (tmp_path / "params/detpipe.yaml").write_text(params.replace("train: {threads: 4, mem_mb: 16000, runtime: 240, "
+                                                                 "gpus: 0}", "train: {gpus: 1}"))
+    (tmp_path / "params/datasets.yaml").write_text((ROOT / "params/datasets.yaml").read_text())
+    bad = subprocess.run([BIN / "snakemake", "--cores", "1", "--dry-run", "report"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert ("params/detpipe.yaml: resources.train.gpus asks the cluster for 1 GPU(s) but device is cpu"
+            in bad.stdout + bad.stderr), bad.stdout + bad.stderr
+
+
 @pytest.mark.parametrize("name", list(STAGES))
 def test_each_cmd_names_its_inputs_and_outputs(name):
     """dvc.yaml reads as a map: every data input and output of a stage is in its command (or under a path there)."""

@@ -283,6 +283,7 @@ def test_launch_tags_and_the_project_root(tmp_path, monkeypatch):
 
 
 def test_the_snakefile_gives_each_invocation_one_run_id(tmp_path):
+    write_tiny_params(tmp_path)  # common.smk validates the params up front
     (tmp_path / "Snakefile").write_text(
         f'include: "{ROOT}/workflow/rules/common.smk"\n\n'
         'rule all:\n    input: "a.txt", "b.txt"\n\n'

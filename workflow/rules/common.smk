@@ -4,7 +4,15 @@ import os
 import time
 import uuid
 
-from detpipe.pipeline import PLUGINS, STAGES, param_values
+from detpipe.config import load as load_params
+from detpipe.errors import DetpipeError
+from detpipe.pipeline import PARAMS, PLUGINS, STAGES, param_values
+
+# The params are validated up front: a bad key stops the workflow here, in one line, before any job starts.
+try:
+    PARAMS_CFG = load_params(PARAMS)
+except DetpipeError as err:
+    raise WorkflowError(str(err)) from None
 
 # One id per snakemake invocation, in every rule's environment: the MLflow runs it starts carry it as the tag
 # snakemake_run (docs/tracking.md). setdefault: a Snakefile parsed again in a job keeps the invocation's id.
@@ -33,4 +41,17 @@ def stage_params(name):
 
 def stage_shell(name):
     """The stage's command, exactly as in dvc.yaml; its output also goes to the rule's log."""
-    return STAGES[name].cmd + " 2>&1 | tee {log}"
+    return f"{STAGES[name].cmd} 2>&1 | tee {{log}}"
+
+
+def stage_threads(name):
+    return PARAMS_CFG.resources[name]["threads"]
+
+
+def stage_resources(name):
+    """What the stage's job asks a cluster for (params/detpipe.yaml `resources`): memory, minutes, GPUs.
+
+    The SLURM executor turns them into sbatch's --mem, --time and --gpus (workflow/profiles/slurm).
+    """
+    job = PARAMS_CFG.resources[name]
+    return {"mem_mb": job["mem_mb"], "runtime": job["runtime"], "gpu": job["gpus"]}

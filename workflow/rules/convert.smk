@@ -2,6 +2,8 @@ rule convert:
     input: **stage_input("convert")
     output: stage_output("convert")
     params: values=stage_params("convert")
+    threads: stage_threads("convert")
+    resources: **stage_resources("convert")
     log: STAGES["convert"].log
     conda: "../envs/detpipe.yaml"
     shell: stage_shell("convert")

@@ -2,6 +2,8 @@ rule download:
     input: **stage_input("download")
     output: stage_output("download")
     params: values=stage_params("download")
+    threads: stage_threads("download")
+    resources: **stage_resources("download")
     log: STAGES["download"].log
     conda: "../envs/detpipe.yaml"
     shell: stage_shell("download")

@@ -2,6 +2,8 @@ rule evaluate:
     input: **stage_input("evaluate")
     output: stage_output("evaluate")
     params: values=stage_params("evaluate")
+    threads: stage_threads("evaluate")
+    resources: **stage_resources("evaluate")
     log: STAGES["evaluate"].log
     conda: "../envs/detpipe.yaml"
     shell: stage_shell("evaluate")

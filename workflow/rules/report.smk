@@ -10,6 +10,8 @@ rule report:
         report(directory(FIGURES), patterns=["{name}.png", "{name}.jpg"], caption="../report/figures.rst",
                category="Figures"),
     params: values=stage_params("report")
+    threads: stage_threads("report")
+    resources: **stage_resources("report")
     log: STAGES["report"].log
     conda: "../envs/detpipe.yaml"
     shell: stage_shell("report")

@@ -2,6 +2,8 @@ rule train:
     input: **stage_input("train")
     output: stage_output("train")
     params: values=stage_params("train")
+    threads: stage_threads("train")
+    resources: **stage_resources("train")
     log: STAGES["train"].log
     conda: "../envs/detpipe.yaml"
     shell: stage_shell("train")

@@ -1,0 +1,77 @@
+"""An MLflow tracking server for one test, and the helpers that wait for an MLflow web server to answer.
+
+``with mlflow_server(backend_store_uri, folder) as url:`` runs ``mlflow server`` on a free port of 127.0.0.1 with
+that backend store (e.g. the URL of :func:`tests.services.postgres.postgres`), serving artifacts itself (clients
+upload and download through it) from ``folder/artifacts``; its output goes to ``folder/mlflow-server.log``, whose
+tail a failed start shows. Afterwards its process group is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.conftest import BIN
+from tests.services import free_port
+
+# MLflow 3 starts a job runner (huey workers) with the server unless told not to: nothing here needs it.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def log_tail(log: Path | None, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log is not None and log.is_file() else ""
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 90, log: Path | None = None) -> None:
+    """Wait for ``url/health`` to answer; fail (with the tail of ``log``) when ``proc`` exits or time runs out."""
+    what = " ".join([Path(str(proc.args[0])).name, *map(str, proc.args[1:2])])  # "mlflow ui", "mlflow server"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with status {proc.returncode}\n{log_tail(log)}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{what} did not answer on {url} within {seconds:g} s\n{log_tail(log)}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True``: its whole process group (workers included)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, folder: Path, *args: str, env: dict | None = None) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 (``args``: more options); yields its URL, ``http://127.0.0.1:<port>``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "mlflow-server.log"
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
+           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=folder, env={**os.environ, **SERVER_ENV, **(env or {})},
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # The first start against an empty database creates MLflow's tables (a few dozen migrations).
+        wait_until_up(url, proc, seconds=240, log=log)
+        yield url
+    finally:
+        stop(proc)
