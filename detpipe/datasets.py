@@ -24,6 +24,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, coco_file: Path, image_root: Path, with_masks: bool = False, transforms=None,
                  encoded: bool = False):
+        self.coco_file = Path(coco_file)
         self.coco = read_json(coco_file, "COCO file")
         self.image_root = Path(image_root)
         self.with_masks = with_masks

@@ -7,12 +7,15 @@ dataset's business (:mod:`detpipe.transforms`), not the loop's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from tqdm import tqdm
 from detpipe import distributed
 from detpipe.datasets import CocoDetection, collate, decode_on_device
 from detpipe.errors import DetpipeError
-from detpipe.metrics import coco_evaluate
+from detpipe.metrics import coco_evaluate, write_json_bytes
 from detpipe.transforms import seed_worker
 
 
@@ -325,12 +328,19 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
     return results
 
 
-def evaluate(model, dataset: CocoDetection, device, batch_size: int = 8,
-             score_thr: float = 0.0, backend: str = "ultrafast") -> tuple[list[dict], dict]:
+def evaluate(model, dataset: CocoDetection, device, batch_size: int = 8, score_thr: float = 0.0,
+             backend: str = "ultrafast", predictions_file: Path | None = None) -> tuple[list[dict], dict]:
     """Predictions and ``{iou_type: coco_evaluate result}``; segm only for models that predict masks.
 
     ``backend``: the COCO evaluation library (``evaluate.backend``, see :mod:`detpipe.metrics`).
+    The predictions are written as COCO results JSON to ``predictions_file`` (else to a temporary file), and the
+    library reads that file and the dataset's own COCO file: nothing is written for it alone.
     """
     dets = predict(model, dataset, device, batch_size, score_thr)
     types = ["bbox", "segm"] if dataset.with_masks else ["bbox"]
-    return dets, {t: coco_evaluate(dataset.coco, dets, t, backend) for t in types}
+    with contextlib.ExitStack() as stack:
+        if predictions_file is None:
+            predictions_file = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="detpipe-val-"))) / "p.json"
+        write_json_bytes(predictions_file, dets)
+        files = dataset.coco_file, predictions_file
+        return dets, {t: coco_evaluate(dataset.coco, dets, t, backend, files=files) for t in types}

@@ -44,13 +44,19 @@ def write_inputs(folder: Path, gt: dict, detections: list[dict]) -> tuple[Path, 
 
     Files, not the dicts: both libraries write fields (``area``, ``id``, ``segmentation``, ``ignore``) into the
     annotations they are given, and reading a file is how they are used everywhere (ultrafast-pycocotools parses
-    box files natively, faster than copying the dicts). orjson writes each float's shortest exact form, so the
-    libraries read back the very same numbers (numpy values as the Python numbers they equal).
+    box files natively, faster than copying the dicts).
     """
     files = folder / "gt.json", folder / "detections.json"
     for path, data in zip(files, (gt, detections)):
-        path.write_bytes(orjson.dumps(data, default=_plain))
+        write_json_bytes(path, data)
     return files
+
+
+def write_json_bytes(path: Path, data) -> None:
+    """One line of JSON by orjson (500k detections ~10x faster than the json module). orjson writes each float's
+    shortest exact form, so the libraries read back the very same numbers (numpy values as the Python numbers
+    they equal)."""
+    path.write_bytes(orjson.dumps(data, default=_plain) + b"\n")
 
 
 def _plain(value):
@@ -93,9 +99,12 @@ def per_class_ap(ev, names: dict) -> dict:
     return per_class
 
 
-def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox", backend: str = "ultrafast") -> dict:
+def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox", backend: str = "ultrafast", *,
+                  files: tuple[Path, Path] | None = None) -> dict:
     """Return ``{"stats": {name: value}, "per_class": {class: {"AP": .., "AP50": ..}}}``.
 
+    ``files``: ``gt`` and ``detections`` as they already are on disk (the split's COCO file, the stage's
+    ``predictions.json``): the library reads those instead of copies written for it.
     With no detections at all pycocotools cannot build its results object, so every metric is 0.
     """
     names = {c["id"]: c["name"] for c in gt["categories"]}
@@ -103,6 +112,6 @@ def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox", back
         present = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd")}
         per_class = {n: dict.fromkeys(("AP", "AP50"), 0.0 if cid in present else None) for cid, n in names.items()}
         return {"stats": dict.fromkeys(STAT_NAMES, 0.0), "per_class": per_class}
-    ev = run_cocoeval(gt, detections, iou_type, backend)
+    ev = score_files(*files, iou_type, backend) if files else run_cocoeval(gt, detections, iou_type, backend)
     stats = {k: max(float(v), 0.0) for k, v in zip(STAT_NAMES, ev.stats)}
     return {"stats": stats, "per_class": per_class_ap(ev, names)}

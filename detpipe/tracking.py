@@ -167,8 +167,18 @@ class Run:
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str], root: Path | None = None) -> Run:
+        from mlflow.exceptions import MlflowException
+
         client = _client(root)
-        run = client.create_run(experiment_id(client, experiment, root), run_name=run_name, tags=tags)
+        try:
+            run = client.create_run(experiment_id(client, experiment, root), run_name=run_name, tags=tags)
+        except MlflowException as exc:
+            if "error code 403" not in str(exc):
+                raise
+            uri = without_credentials(tracking_uri(root))
+            raise DetpipeError(f"MLFLOW_TRACKING_URI={uri}: the server refuses this user a new run in experiment "
+                               f"{experiment!r} (HTTP 403); ask its admin for EDIT permission on it "
+                               "(docs/scale-out.md), or set another experiment in the params") from None
         return cls(run.info.run_id, root)
 
     def child(self, run_name: str, tags: dict[str, str]) -> Run:
