@@ -286,6 +286,10 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
         _merge(data, read_preset(path.parent / PRESETS, preset))
     for item in overrides:
         apply_override(data, item)
+    resources = data.setdefault("resources", {})  # optional, as are its stages: every key has a default
+    for stage in SCHEMA["resources"]:
+        if isinstance(resources, dict) and resources.get(stage) is None:
+            resources[stage] = {}
     _validate(data, SCHEMA, str(path))
     milestones = data["train"]["milestones"]
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones):

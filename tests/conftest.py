@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import json
 import os
@@ -108,6 +109,16 @@ def copy_repo(dest: Path) -> Path:
     for name in ("Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy(ROOT / name, dest / name)
     return dest
+
+
+def tree_hashes(repo: Path, paths: list[str]) -> dict[str, str]:
+    """sha256 of every file in ``paths`` (files or folders, links followed), by path in ``repo``."""
+    hashes = {}
+    for rel in paths:
+        top = repo / rel
+        for path in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
+            hashes[path.relative_to(repo).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
 
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

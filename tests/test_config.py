@@ -121,3 +121,10 @@ def test_a_gpu_request_needs_a_gpu_device_and_one_process_per_gpu(tiny_params):
         config.load(tiny_params, ["device=auto", "resources.train.gpus=2", "train.processes=3"])
     cfg = config.load(tiny_params, ["device=auto", "resources.train.gpus=2", "train.processes=2"])
     assert cfg.resources["train"] == {"threads": 4, "mem_mb": 16000, "runtime": 240, "gpus": 2}
+
+
+def test_the_resources_section_may_be_left_out(tiny_params):
+    data = yaml.safe_load(tiny_params.read_text())
+    del data["resources"]
+    tiny_params.write_text(yaml.safe_dump(data))
+    assert config.load(tiny_params).resources["evaluate"] == {"threads": 2, "mem_mb": 8000, "runtime": 60, "gpus": 0}

@@ -19,7 +19,7 @@ import botocore.exceptions
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, sh, write_tiny_params
+from tests.conftest import copy_repo, sh, tree_hashes, write_tiny_params
 from tests.services import free_port
 from tests.services.s3 import Credentials, S3Server, client, s3_server
 from tests.test_e2e import dvc_ran
@@ -35,16 +35,6 @@ def dvc_outs(repo: Path) -> list[str]:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     return [out if isinstance(out, str) else next(iter(out)) for stage in stages.values()
             for out in stage.get("outs", [])]
-
-
-def tree_hashes(repo: Path, paths: list[str]) -> dict[str, str]:
-    """sha256 of every file in ``paths`` (files or folders, links followed), by path in ``repo``."""
-    hashes = {}
-    for rel in paths:
-        top = repo / rel
-        for path in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
-            hashes[path.relative_to(repo).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashes
 
 
 def output_files(repo: Path) -> list[Path]:

@@ -9,7 +9,6 @@ stand-in GPUs (no device behind them), so the train job is scheduled with `--gpu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from detpipe import tracking
-from tests.conftest import ROOT, copy_repo, sh, write_tiny_params
+from tests.conftest import ROOT, copy_repo, sh, tree_hashes, write_tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -76,15 +75,6 @@ def job(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def digest(path: Path) -> str:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def test_each_stage_is_a_slurm_job_with_its_resources_and_the_outputs_equal_a_local_run(cluster, tmp_path):
     local, slurm = project(tmp_path / "local"), project(tmp_path / "slurm")
     sh(local, "snakemake", "--profile", "workflow/profiles/local", "report")
@@ -109,8 +99,7 @@ def test_each_stage_is_a_slurm_job_with_its_resources_and_the_outputs_equal_a_lo
     # The same outputs as the local run (one machine, same params, same thread count).
     same = ["data/raw", "data/coco", "runs/eval/predictions.json", "runs/eval/per_class.csv",
             "runs/eval/analysis.json", "runs/eval/plots"]
-    for path in same:
-        assert digest(slurm / path) == digest(local / path), path
+    assert tree_hashes(slurm, same) == tree_hashes(local, same)
     metrics = [json.loads((repo / "runs/eval/metrics.json").read_text()) for repo in (local, slurm)]
     assert metrics[0] == metrics[1]
     logs = [(repo / "runs/train/train_log.csv").read_text().splitlines() for repo in (local, slurm)]
