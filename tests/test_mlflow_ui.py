@@ -16,8 +16,8 @@ import pytest
 from detpipe import report, tracking
 from tests.browser import Browser, chromium_path
 from tests.conftest import BIN
-from tests.services import free_port
-from tests.services.mlflow_server import SERVER_ENV, stop, wait_until_up
+from tests.services import free_port, stop
+from tests.services.mlflow_server import SERVER_ENV, wait_until_up
 
 pytestmark = pytest.mark.slow
 

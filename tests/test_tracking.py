@@ -150,26 +150,24 @@ print(json.dumps({k: v.tolist() for k, v in out.items()}))
 """
 
 
-def test_the_model_loads_from_mlflow_alone_and_predicts_like_model_pt(project, monkeypatch):
+def assert_logged_model_predicts_like(cwd: Path, tracking_uri: str, model_uri: str, checkpoint: Path) -> None:
+    """``model_uri`` loaded from ``tracking_uri`` in a fresh process where detpipe cannot be imported predicts on
+    the first val image what ``checkpoint`` (a model.pt) predicts here."""
     import numpy as np
     import torch
-    from mlflow.models import get_model_info
     from PIL import Image
 
     from detpipe.models import load_checkpoint
 
-    cwd, seen = project
-    uri = seen["train_json"]["model_uri"]
-    assert uri == f"runs:/{seen['train']}/model"
     val = json.loads((cwd / "data/coco/val.json").read_text())
     image_file = cwd / "data/raw" / val["images"][0]["file_name"]
     env = {**os.environ, "PYTHONPATH": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DETPIPE, f"sqlite:///{cwd / 'mlflow.db'}", uri,
-                             str(image_file)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DETPIPE, tracking_uri, model_uri, str(image_file)],
+                            cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = json.loads(result.stdout.strip().splitlines()[-1])
-    model, _ = load_checkpoint(cwd / "first_train/model.pt")
+    model, _ = load_checkpoint(checkpoint)
     image = torch.from_numpy(np.asarray(Image.open(image_file).convert("RGB")).copy()).permute(2, 0, 1)
     with torch.no_grad():
         ours = model.eval()([image.float() / 255])[0]
@@ -177,6 +175,15 @@ def test_the_model_loads_from_mlflow_alone_and_predicts_like_model_pt(project, m
     assert logged["labels"] == ours["labels"].tolist()
     assert torch.allclose(torch.tensor(logged["boxes"]), ours["boxes"], atol=1e-4)
     assert torch.allclose(torch.tensor(logged["scores"]), ours["scores"], atol=1e-5)
+
+
+def test_the_model_loads_from_mlflow_alone_and_predicts_like_model_pt(project, monkeypatch):
+    from mlflow.models import get_model_info
+
+    cwd, seen = project
+    uri = seen["train_json"]["model_uri"]
+    assert uri == f"runs:/{seen['train']}/model"
+    assert_logged_model_predicts_like(cwd, f"sqlite:///{cwd / 'mlflow.db'}", uri, cwd / "first_train/model.pt")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{cwd / 'mlflow.db'}")
     info = get_model_info(uri)
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1] == 3 and info.saved_input_example_info

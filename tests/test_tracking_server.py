@@ -17,11 +17,8 @@ key, or without the admin's password at the first start, the basic-auth server d
 
 import csv
 import json
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -41,7 +38,7 @@ from tests.conftest import run_stage, write_tiny_params
 from tests.services import free_port
 from tests.services.mlflow_server import mlflow_server
 from tests.services.postgres import postgres
-from tests.test_tracking import LOAD_WITHOUT_DETPIPE, artifacts
+from tests.test_tracking import artifacts, assert_logged_model_predicts_like
 
 pytestmark = pytest.mark.slow
 
@@ -151,30 +148,11 @@ def test_the_stages_log_to_the_server_and_it_holds_params_curves_artifacts_and_e
 
 
 def test_the_logged_model_loads_from_the_server_and_predicts_like_model_pt(pipeline, server):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from detpipe.models import load_checkpoint
-
     cwd, _ = pipeline
     url, _ = server
     train, _ = records(cwd)
     assert train["model_uri"] == f"runs:/{train['run_id']}/model"
-    val = json.loads((cwd / "data/coco/val.json").read_text())
-    image_file = cwd / "data/raw" / val["images"][0]["file_name"]
-    env = {**os.environ, "PYTHONPATH": ""}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DETPIPE, url, train["model_uri"], str(image_file)],
-                            cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = json.loads(result.stdout.strip().splitlines()[-1])
-    model, _ = load_checkpoint(cwd / "runs/train/model.pt")
-    image = torch.from_numpy(np.asarray(Image.open(image_file).convert("RGB")).copy()).permute(2, 0, 1)
-    with torch.no_grad():
-        ours = model.eval()([image.float() / 255])[0]
-    assert len(ours["boxes"]) > 0 and logged["labels"] == ours["labels"].tolist()
-    assert torch.allclose(torch.tensor(logged["boxes"]), ours["boxes"], atol=1e-4)
+    assert_logged_model_predicts_like(cwd, url, train["model_uri"], cwd / "runs/train/model.pt")
 
 
 def test_the_reports_links_open_the_servers_experiment_and_run_pages(pipeline, server):

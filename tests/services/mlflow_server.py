@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import time
 import urllib.request
@@ -26,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.conftest import BIN
-from tests.services import free_port
+from tests.services import free_port, stop
 
 # MLflow 3 starts a job runner (huey workers) with the server unless told not to: nothing here needs it.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -49,18 +48,6 @@ def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 90, log: Pa
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{what} did not answer on {url} within {seconds:g} s\n{log_tail(log)}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server started with ``start_new_session=True``: its whole process group (workers included)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 def write_auth_config(folder: Path, admin: str, default_permission: str = "READ", cache_s: int = 60) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from tests.services import free_port
+from tests.services import free_port, stop
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -59,19 +58,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Kill the server's process group: SIGTERM, then SIGKILL if it has not gone after 10 s."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 def _start(log: Path, timeout: float) -> tuple[subprocess.Popen, str]:
     """Start moto on a free port and wait until it answers; a port taken in between is retried with another."""
     for _ in range(3):
@@ -87,7 +73,7 @@ def _start(log: Path, timeout: float) -> tuple[subprocess.Popen, str]:
                 return proc, url
             time.sleep(0.1)
         exited = proc.poll() is not None  # e.g. the port was taken after free_port() looked
-        _stop(proc)
+        stop(proc, timeout=10)
         if not exited:
             break  # it ran but never answered: another port will not help
     raise RuntimeError(f"moto's S3 server did not start on {HOST}:\n{log.read_text(errors='replace')[-3000:]}")
@@ -132,4 +118,4 @@ def s3_server(bucket: str = "detpipe-test", timeout: float = 60) -> Iterator[S3S
                                    f"{log.read_text(errors='replace')[-3000:]}") from error
             yield S3Server(url, bucket, credentials)
         finally:
-            _stop(proc)
+            stop(proc, timeout=10)
