@@ -37,12 +37,17 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def as_root() -> list[str]:
+    """The prefix that runs the cluster script as root: none for root, else password-less sudo."""
+    return [] if os.geteuid() == 0 else ["sudo", "-n"]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """The cluster's daemons run as root (slurmd starts each job as its user): the test runs as root, or as a user
     with password-less sudo, who then submits the jobs as themself."""
     missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol") if not shutil.which(c)]
-    root = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    root = as_root()
     reason = (f"needs Debian's slurm-wlm and munge ({', '.join(missing)} not found; .ci/run installs them)" if missing
               else "needs root or password-less sudo: slurmd starts each job as its user"
               if root and subprocess.run([*root, "true"], capture_output=True).returncode else None)
@@ -122,3 +127,21 @@ def test_each_stage_is_a_slurm_job_with_its_resources_and_the_outputs_equal_a_lo
     refused = sh(slurm, "snakemake", "--profile", "workflow/profiles/slurm", *SLURM_ARGS, "--forcerun", "train",
                  "report", check=False)
     assert "More processors requested than permitted" in refused, refused[-3000:]
+
+
+def test_the_cluster_script_refuses_what_would_break_a_cluster(cluster, tmp_path):
+    """One line and a non-zero exit: bad arguments, a second cluster while one runs (its config untouched)."""
+    def script(*args):
+        return subprocess.run([*as_root(), CLUSTER, *map(str, args)], capture_output=True, text=True)
+
+    conf = Path("/etc/slurm/slurm.conf").read_text()
+    running = f"a cluster started by this script is running (folder {cluster}"
+    for args, message in [(("start", tmp_path / "a", "two"), "GPUS must be a whole number, got 'two'"),
+                          (("stop", tmp_path / "missing"), f"no such folder: {tmp_path / 'missing'}"),
+                          ((), "usage:"),
+                          (("start", tmp_path / "b"), running)]:
+        result = script(*args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert result.stderr.startswith("slurm-cluster: ") and message in result.stderr, (args, result.stderr)
+    assert Path("/etc/slurm/slurm.conf").read_text() == conf
+    assert subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip() == "idle"
