@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to train (the first also runs the stages)")
     p.add_argument("--avx2", action="store_true", help="also train the first seed on AVX2 kernels")
     p.add_argument("--snakemake", action="store_true", help="also time `snakemake --cores 1 report` from scratch")
+    p.add_argument("--until", choices=list(STAGES)[3:], default="report",
+                   help="the last stage of the first run (evaluate: skip the report)")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
     src = Path.cwd()
@@ -107,11 +109,15 @@ def main() -> None:
         for name, stage in STAGES.items():
             cmd = [*stage.cmd.split(), "--set", f"seed={args.seeds[0]}"]
             stages.append({"stage": name, **timed(cmd, root, env)})
+            if name == args.until:
+                break
         runs = [{"seed": args.seeds[0], "kernels": "native", "train_s": stages[2]["wall_s"],
                  "evaluate_s": stages[3]["wall_s"], **training(root)}]
-        runs += [run_variant(root, seed, "native") for seed in args.seeds[1:]]
-        if args.avx2:
-            runs.append(run_variant(root, args.seeds[0], "avx2"))
+        print(json.dumps(runs[-1]), flush=True)  # each run as it ends: a run cut short keeps the ones before
+        variants = [(seed, "native") for seed in args.seeds[1:]] + ([(args.seeds[0], "avx2")] if args.avx2 else [])
+        for seed, kernels in variants:
+            runs.append(run_variant(root, seed, kernels))
+            print(json.dumps(runs[-1]), flush=True)
         if args.snakemake:
             snake_root = scratch_copy(src, Path(tmp) / "snakemake")
             result["snakemake_report_s"] = timed(["snakemake", "--cores", "1", "report"], snake_root, env)["wall_s"]

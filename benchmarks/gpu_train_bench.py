@@ -163,7 +163,7 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
                                              num_workers=args.workers, collate_fn=collate, generator=generator)
     else:
         engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks)
-        dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda)
+        dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and args.gpu_decode)
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
                                      prefetch_factor=4, persistent_workers=args.workers > 0)
     timed = Timed(loader, args.warmup, device)
@@ -191,6 +191,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="iterations before timing starts")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers of both loops")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the backbone (warm-up then compiles)")
+    p.add_argument("--no-gpu-decode", dest="gpu_decode", action="store_false",
+                   help="ours: decode JPEGs in the DataLoader workers (PIL) instead of on the GPU (nvJPEG)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
@@ -201,8 +203,6 @@ def main() -> None:
         args.batch, args.iters, args.warmup, args.workers = 2, 2, 1, 0
         args.models, args.amp = args.models or ["fcos_resnet50_fpn"], "off"
     device = engine.resolve_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     precisions = {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,7 +234,7 @@ def main() -> None:
         info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
                 "image_size": [height, width], "timed_iters": args.iters, "warmup_iters": args.warmup,
-                "workers": args.workers, "compile": args.compile, "smoke": args.smoke}
+                "workers": args.workers, "compile": args.compile, "gpu_decode": args.gpu_decode, "smoke": args.smoke}
         args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
 
 

@@ -324,6 +324,31 @@ def test_notebook_training_from_python(tiny_coco, tmp_path, monkeypatch):
     assert len(inference_detector(detector, tiny_coco / "raw/val/val_00000.jpg")) == 4
 
 
+def test_decoding_on_cuda_drains_the_callers_stream_first(tiny_coco, monkeypatch):
+    """nvJPEG writes on torchvision's own stream into memory our queued kernels may still read (pytorch/vision#9606;
+    NaN losses by iteration 3 on an H100, docs/performance.md): the stream is drained before every CUDA decode."""
+    import torchvision.io
+
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("synchronize")
+
+    def decode(data, mode, device):
+        calls.append(f"decode {len(data)} on {device}")
+        return [torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in data]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
+    raw, target = CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw", encoded=True)[0]
+    datasets.decode_on_device([raw, raw], [target, target], torch.device("cuda"))
+    assert calls == ["synchronize", "decode 2 on cuda"]
+    calls.clear()
+    datasets.decode_on_device([raw], [target], CPU)
+    assert calls == ["decode 1 on cpu"]  # nothing to drain on the CPU
+
+
 def test_gpu_train_bench_smoke_runs_both_loops_without_pycocotools_or_mlflow(tmp_path):
     """The GPU benchmark's code, on the CPU at tiny sizes, where importing pycocotools or MLflow fails (the lent
     GPU machines have neither)."""

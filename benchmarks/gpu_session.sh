@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/performance.md and docs/models.md in one call on a lent GPU machine (about 9 minutes).
+#
+#   bash ../shared/gpu/fetch-wheels     # here: MLflow's and pycocotools' wheels into .whl (Python 3.12), then
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl orjson==3.13.0 ultrafast-pycocotools==0.1.14
+#   device run, carry [".whl"], timeout_s 600:  bash benchmarks/gpu_session.sh
+#
+# Steps, most important first, each under its own time limit so that a slow one cannot cost the others; a
+# step that no longer fits in what is left of GPU_SESSION_SECONDS (default 540) is skipped, and says so:
+#   1. benchmarks.gpu_train_bench: our loop against torchvision's plain loop, 4 models x fp32/bf16
+#   2. benchmarks.bench_default --seeds 0 1 --until evaluate: the default params trained on the GPU
+#   3. benchmarks.bench_infer --device cuda: inference img/s per model family
+#   4. benchmarks.gpu_check: the train and evaluate stages with AMP bf16, fp16 + gradient scaler, DDP under torchrun
+#   5. benchmarks.gpu_train_bench --compile (Faster R-CNN, bf16), if time is left
+# Writes $OUT/session.log (every step's output) and one JSON per step. GPU_SESSION_SMOKE=1 runs each step at
+# toy sizes on the CPU, to catch a broken step before device time is spent on it; GPU_SESSION_STEPS="infer compile"
+# runs only those steps.
+set -u
+out=${OUT:-gpu-session}
+mkdir -p "$out"
+log=$out/session.log
+budget=${GPU_SESSION_SECONDS:-540}
+smoke=${GPU_SESSION_SMOKE:-0}
+py=${PYTHON:-python3}
+steps=" ${GPU_SESSION_STEPS:-train_bench default infer stages compile} "  # a rerun can name fewer
+export PYTHONUNBUFFERED=1
+failed=0
+
+if [ -d .whl ] && [ "$smoke" != 1 ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "error: installing the carried wheels failed" | tee -a "$log"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, what is left), its output into the log
+  local name=$1 want=$2 left=$((budget - SECONDS))
+  shift 2
+  [[ $steps == *" $name "* ]] || return 0
+  if ((left < want / 2)); then
+    echo "== $name: skipped, $left s left of $budget" | tee -a "$log"
+    return
+  fi
+  ((want > left)) && want=$left
+  echo "== $name (limit $want s): $*" | tee -a "$log"
+  local began=$SECONDS rc=0
+  timeout -k 10 "$want" "$@" >>"$log" 2>&1 || rc=$?
+  echo "== $name: exit $rc after $((SECONDS - began)) s" | tee -a "$log"
+  ((rc == 0)) || failed=1
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  lscpu | grep -m1 "Model name"
+  $py -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available())"
+} >>"$log" 2>&1
+
+if [ "$smoke" = 1 ]; then
+  step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --json "$out/gpu_train_bench.json"
+  step default 600 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
+  step infer 120 $py -m benchmarks.bench_infer --device cpu --images 1 --models ssdlite320_mobilenet_v3_large \
+    --json "$out/bench_infer_gpu.json"
+  step stages 600 $py -m benchmarks.gpu_check --device cpu --epochs 1 --images 8 --json "$out/gpu_check.json"
+else
+  step train_bench 250 $py -m benchmarks.gpu_train_bench --json "$out/gpu_train_bench.json"
+  step default 170 $py -m benchmarks.bench_default --seeds 0 1 --until evaluate --json "$out/bench_default_gpu.json"
+  step infer 45 $py -m benchmarks.bench_infer --device cuda --images 20 --json "$out/bench_infer_gpu.json"
+  step stages 100 $py -m benchmarks.gpu_check --epochs 1 --images 32 --json "$out/gpu_check.json"
+  step compile 120 $py -m benchmarks.gpu_train_bench --compile --amp on --models fasterrcnn_resnet50_fpn \
+    --json "$out/gpu_train_bench_compile.json"
+fi
+echo "== done after $SECONDS s, failed=$failed" | tee -a "$log"
+exit $failed
