@@ -197,15 +197,21 @@ class Config(dict):
         return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
 
 
-def read_yaml(path: Path) -> Any:
+def read_yaml(path: Path, what: str = "params file") -> Any:
+    return read_yaml_text(path, what)[0]
+
+
+def read_yaml_text(path: Path, what: str = "params file") -> tuple[Any, str]:
+    """The parsed YAML of ``path`` and its text as written; one-line errors name the file (and the line)."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+        return yaml.safe_load(text), text
     except FileNotFoundError:
-        raise DetpipeError(f"{path}: params file is missing") from None
+        raise DetpipeError(f"{path}: {what} is missing") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise DetpipeError(f"{path}{line}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
+        raise DetpipeError(f"{path}{line}: malformed YAML in {what} ({getattr(exc, 'problem', exc)})") from None
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -314,7 +320,9 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
                            "train stage runs one process per GPU, so make them equal")
     registry_path = Path(datasets) if datasets else path.parent / DATASETS_FILE.name
     data["data"] = load_dataset_entry(registry_path, data["dataset"])
-    return Config(data)
+    cfg = Config(data)
+    cfg.source = {"params_file": str(path), "overrides": list(overrides)}  # how it was made: not a param
+    return cfg
 
 
 PRESETS = "presets"  # beside the params file

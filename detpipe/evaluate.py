@@ -97,7 +97,7 @@ def _log_child(cfg, parent: tracking.Run, out: Path, metrics: dict, model_file: 
     Its id goes into ``run.json`` beside the outputs, so the report knows which evaluation it shows.
     """
     child = parent.child(f"evaluate-{split}-thr{cfg.evaluate.score_thr:g}",
-                         tags={"stage": "evaluate", "git_commit": tracking.git_commit(), **tracking.launch_tags()})
+                         tags={"stage": "evaluate", "git_commit": tracking.git_commit(), **tracking.launch_tags(cfg)})
     try:
         child.log_params({**config.flatten({"evaluate": config.dict_of(cfg.evaluate)}), "split": split,
                           "checkpoint": str(model_file),

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import csv
 import html
+import shlex
 import sys
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 from detpipe import config, tracking, visualize
@@ -46,17 +46,11 @@ def _read_csv(path: Path, what: str, columns: tuple[str, ...], allow_empty: bool
     return rows
 
 
-def read_yaml_mapping(path: Path, what: str) -> tuple[config.Config, str]:
+def read_training_config(path: Path) -> tuple[config.Config, str]:
     """The training config as a Config, and its text as written (shown on the page): one read."""
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
-    except FileNotFoundError:
-        raise DetpipeError(f"{path}: {what} is missing") from None
-    except yaml.YAMLError as exc:
-        raise DetpipeError(f"{path}: malformed YAML in {what} ({getattr(exc, 'problem', exc)})") from None
+    data, text = config.read_yaml_text(path, "training config")
     if not isinstance(data, dict) or not {"dataset", "model", "train"} <= data.keys():
-        raise DetpipeError(f"{path}: {what} lacks dataset, model or train")
+        raise DetpipeError(f"{path}: training config lacks dataset, model or train")
     return config.Config(data), text
 
 
@@ -72,7 +66,7 @@ def _inputs(data_dir: Path, train_dir: Path, eval_dir: Path) -> dict:
     predictions = read_json(eval_dir / "predictions.json", "predictions")
     if not isinstance(predictions, list):
         raise DetpipeError(f"{eval_dir / 'predictions.json'}: predictions are not a JSON list")
-    trained, config_text = read_yaml_mapping(train_dir / "config.yaml", "training config")
+    trained, config_text = read_training_config(train_dir / "config.yaml")
     stats = read_json_keys(data_dir / "stats.json", "conversion stats", ("splits",))
     coco_keys = ("images", "annotations", "categories")
     splits = {s: read_json_keys(data_dir / f"{s}.json", "COCO file", coco_keys) for s in stats["splits"]}
@@ -319,12 +313,31 @@ def evaluation_section(inputs: dict, image_root: Path, cfg, figures: dict) -> st
             f'<div><h4>No errors, most objects</h4>{error_images(analysis["best_images"], *args, "good")}</div></div>')
 
 
-def reproduce_command(commit: str, tags: dict) -> str:
-    """Shell lines that rebuild this report from its commit, the way the run was launched."""
+def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = ()) -> str:
+    """Shell lines that rebuild this report from its commit, the way the run was launched. ``tags`` are the
+    training run's, ``later`` those of the stages after it: a params file other than the pipeline's and the
+    ``--set`` overrides of each (tracking.launch_tags) become ``dvc exp run -S`` settings, the last stage's
+    value winning where two stages set one key differently."""
     sha = commit.removesuffix("-dirty")
     launcher = tags.get("launcher", "")
+    settings, params_file, clash = {}, None, []
+    for stage_tags in (tags, *later):
+        params_file = params_file or stage_tags.get("params_file")
+        for item in shlex.split(stage_tags.get("overrides", "")):
+            key, _, value = item.partition("=")
+            if settings.get(key, value) != value:
+                clash.append(key)
+            settings[key] = value
     if launcher == "dvc exp run" and tags.get("dvc_exp_name"):
         steps = [f"dvc exp apply {tags['dvc_exp_name']}", "dvc repro"]
+    elif settings or params_file:
+        steps = [f"cp {shlex.quote(params_file)} params/detpipe.yaml  # the params file the run read"] if params_file \
+            else []
+        sets = " ".join(f"-S {shlex.quote(f'params/detpipe.yaml:{k}={v}')}" for k, v in settings.items())
+        steps.append(f"dvc exp run {sets}".rstrip())
+        if clash:
+            steps.insert(0, f"# the stages ran with different values of {', '.join(sorted(set(clash)))}: "
+                            "the last stage's is set")
     elif launcher == "dvc repro":
         steps = ["dvc repro"]
     else:
@@ -372,7 +385,7 @@ def provenance_section(inputs: dict, mlflow: dict) -> str:
     ui = (f"<p>MLflow UI: <code>{html.escape(start)}</code>, then open <a href=\"{html.escape(runs_link)}\">"
           f"{html.escape(runs_link)}</a> (the link lands on the runs table).</p>" if start else
           f'<p>MLflow UI: <a href="{html.escape(runs_link)}">{html.escape(runs_link)}</a></p>')
-    command = html.escape(reproduce_command(run["git_commit"], mlflow["tags"]))
+    command = html.escape(reproduce_command(run["git_commit"], mlflow["tags"], mlflow.get("later_tags", ())))
     return (f"{table}<h3>Reproduce</h3><pre>{command}</pre>{ui}"
             f"<details><summary>Params of the run (runs/train/config.yaml)</summary>"
             f"<pre>{html.escape(inputs['config_text'])}</pre></details>")
@@ -465,8 +478,13 @@ def run(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_dir: Path, 
     inputs = _inputs(data_dir, train_dir, eval_dir)
     parent = tracking.Run.existing(inputs["run"]["run_id"], train_dir / "run.json")
     info = parent.client.get_run(parent.run_id)
+    later = []  # the launch tags of the stages after training, for the reproduce command
+    if inputs["eval_run"]:
+        evaluation_run = tracking.Run.existing(inputs["eval_run"]["run_id"], eval_dir / "run.json")
+        later.append(evaluation_run.client.get_run(evaluation_run.run_id).data.tags)
+    later.append(tracking.launch_tags(cfg))
     mlflow = {"experiment_id": info.info.experiment_id, "run_name": info.info.run_name or parent.run_id,
-              "tags": info.data.tags}
+              "tags": info.data.tags, "later_tags": tuple(later)}
     try:
         comparison = tracking.comparison(inputs["run"]["experiment"])
     except DetpipeError as exc:  # e.g. no evaluated training in the store yet: the page says so
@@ -478,7 +496,7 @@ def run(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_dir: Path, 
     write_text(out, page)
     evaluation = {"eval_run_id": inputs["eval_run"]["run_id"]} if inputs["eval_run"] else {}
     child = parent.child("report", tags={"stage": "report", "git_commit": tracking.git_commit(), **evaluation,
-                                         **tracking.launch_tags()})
+                                         **tracking.launch_tags(cfg)})
     try:
         child.log_params(config.flatten({"report": config.dict_of(cfg.report)}))
         child.log_artifact(out)

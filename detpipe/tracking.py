@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import time
 import urllib.parse
@@ -125,18 +126,27 @@ def git_commit() -> str:
         return "unknown"
 
 
-def launch_tags() -> dict[str, str]:
+def launch_tags(cfg=None) -> dict[str, str]:
     """What started this process: ``dvc exp run`` (DVC sets ``DVC_EXP_NAME`` and ``DVC_EXP_BASELINE_REV``),
-    ``dvc repro`` (``DVC_STAGE``), ``snakemake`` (the Snakefile's ``DETPIPE_SNAKEMAKE_RUN``) or by hand."""
+    ``dvc repro`` (``DVC_STAGE``), ``snakemake`` (the Snakefile's ``DETPIPE_SNAKEMAKE_RUN``) or by hand; with
+    ``cfg`` from :func:`detpipe.config.load`, also a params file other than the pipeline's (``params_file``)
+    and the ``--set`` overrides (``overrides``, shell-quoted), which the report's reproduce command applies."""
     env = os.environ
     if env.get("DVC_EXP_NAME"):
-        return {"launcher": "dvc exp run", "dvc_exp_name": env["DVC_EXP_NAME"],
+        tags = {"launcher": "dvc exp run", "dvc_exp_name": env["DVC_EXP_NAME"],
                 "dvc_baseline_rev": env.get("DVC_EXP_BASELINE_REV", "")}
-    if env.get("DVC_STAGE"):
-        return {"launcher": "dvc repro"}
-    if env.get(SNAKEMAKE_RUN):
-        return {"launcher": "snakemake", "snakemake_run": env[SNAKEMAKE_RUN]}
-    return {"launcher": "manual"}
+    elif env.get("DVC_STAGE"):
+        tags = {"launcher": "dvc repro"}
+    elif env.get(SNAKEMAKE_RUN):
+        tags = {"launcher": "snakemake", "snakemake_run": env[SNAKEMAKE_RUN]}
+    else:
+        tags = {"launcher": "manual"}
+    source = getattr(cfg, "source", None) or {}
+    if source.get("overrides"):
+        tags["overrides"] = shlex.join(source["overrides"])
+    if source and Path(source["params_file"]).resolve() != Path("params/detpipe.yaml").resolve():
+        tags["params_file"] = source["params_file"]
+    return tags
 
 
 def short_hash(data: Any) -> str:

@@ -243,7 +243,7 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
             run = tracking.Run.start(cfg.experiment, run_name=run_name(cfg, params, hashes),
                                      tags={"stage": "train", "git_commit": commit, "model": m.name,
                                            "dataset": cfg.dataset, **hashes, "device": str(device),
-                                           "processes": str(world.size), **tracking.launch_tags()})
+                                           "processes": str(world.size), **tracking.launch_tags(cfg)})
             run.log_params(params)
             if source:
                 run.set_tag("reinitialised_layers", ", ".join(reinitialised)[:5000] or "none")

@@ -115,7 +115,7 @@ CASES = {
     "train_log.csv missing": (lambda cwd: (cwd / "runs/train/train_log.csv").unlink(),
                               "runs/train/train_log.csv: training log is missing"),
     "config.yaml malformed": (lambda cwd: (cwd / "runs/train/config.yaml").write_text("model: [fcos\n"),
-                              "runs/train/config.yaml: malformed YAML in training config"),
+                              "runs/train/config.yaml:2: malformed YAML in training config"),
 }
 EVALUATE_CASES = ["run.json malformed", "run.json without run_id", "model.pt corrupt", "model.pt missing",
                   "store without the run"]

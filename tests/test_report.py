@@ -113,6 +113,20 @@ def test_the_reproduce_command_follows_the_launcher():
     dirty = report.reproduce_command(sha + "-dirty", {"launcher": "dvc repro"}).splitlines()
     assert dirty[0].startswith("# the run had uncommitted changes") and dirty[1:] == [f"git checkout {sha}",
                                                                                      "dvc repro"]
+    # --set overrides and another params file, of training and of the stages after it, become dvc exp run -S
+    train = {"launcher": "manual", "overrides": "train.lr=0.02 'model.name=faster rcnn'"}
+    assert report.reproduce_command(sha, train, ({"launcher": "manual", "overrides": "evaluate.score_thr=0.3"},
+                                                 {"launcher": "manual"})).splitlines() == [
+        f"git checkout {sha}", "dvc exp run -S params/detpipe.yaml:train.lr=0.02 "
+        "-S 'params/detpipe.yaml:model.name=faster rcnn' -S params/detpipe.yaml:evaluate.score_thr=0.3"]
+    other = report.reproduce_command(sha, {"launcher": "snakemake", "params_file": "params/big.yaml"},
+                                     ({"launcher": "manual", "overrides": "device=cpu"},)).splitlines()
+    assert other == [f"git checkout {sha}", "cp params/big.yaml params/detpipe.yaml  # the params file the run read",
+                     "dvc exp run -S params/detpipe.yaml:device=cpu"]
+    clash = report.reproduce_command(sha, {"launcher": "manual", "overrides": "device=cuda"},
+                                     ({"launcher": "manual", "overrides": "device=cpu"},)).splitlines()
+    assert clash[1].startswith("# the stages ran with different values of device") and clash[-1].endswith(
+        ":device=cpu")
 
 
 def test_training_chart_skips_epochs_that_were_not_validated_and_draws_iteration_components():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from detpipe import compare, tracking
+from detpipe import compare, config, tracking
 from detpipe.errors import DetpipeError
 from detpipe.files import tree_hash
 from tests.conftest import BIN, ROOT, copy_repo, default_lr, repo_param, run_stage, sh, write_tiny_params
@@ -279,6 +279,18 @@ def test_launch_tags_and_the_project_root(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "f" * 40)
     assert tracking.launch_tags() == {"launcher": "dvc exp run", "dvc_exp_name": "sunny-day",
                                       "dvc_baseline_rev": "f" * 40}
+    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(name)
+    write_tiny_params(tmp_path / "project")
+    monkeypatch.chdir(tmp_path / "project")
+    cfg = config.load(Path("params/detpipe.yaml"), ["train.lr=0.5", "experiment=my shapes"])
+    assert tracking.launch_tags(cfg) == {"launcher": "snakemake", "snakemake_run": "20250101-120000-abcdef",
+                                         "overrides": "train.lr=0.5 'experiment=my shapes'"}
+    assert tracking.launch_tags(config.load(Path("params/detpipe.yaml"))) == tracking.launch_tags()
+    same = config.load(Path("params/../params/detpipe.yaml").resolve())  # the pipeline's file, however named
+    assert tracking.launch_tags(same) == tracking.launch_tags()
+    shutil.copy("params/detpipe.yaml", "params/big.yaml")
+    assert tracking.launch_tags(config.load(Path("params/big.yaml")))["params_file"] == "params/big.yaml"
 
     temp_copy = tmp_path / "repo/.dvc/tmp/exps/tmpab12/"
     temp_copy.mkdir(parents=True)
