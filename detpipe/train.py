@@ -78,14 +78,14 @@ def _datasets(cfg: config.Config, data_dir: Path, image_root: Path,
     return train_set, val_set, stats
 
 
-def resume_key(cfg: config.Config, data_dir: Path) -> str:
-    """A hash of everything a training run depends on: its params, the converted data and the code it runs."""
+def resume_key(cfg: config.Config, data_hash: str) -> str:
+    """A hash of everything a training run depends on: its params, the converted data (``data_hash``, its
+    :func:`tree_hash`) and the code it runs."""
     h = hashlib.sha256()
     params = {k: config.dict_of(cfg[k]) for k in PARAM_SECTIONS}
     params["train"] = {k: v for k, v in params["train"].items() if k not in ("resume", "log_interval")}
     h.update(json.dumps(params, sort_keys=True).encode())
-    for name in ("train.json", "val.json", "stats.json"):
-        h.update((data_dir / name).read_bytes())
+    h.update(data_hash.encode())
     ours = lambda name: name in ("detpipe", "__main__") or name.startswith("detpipe.")
     code = {Path(m.__file__) for name, m in list(sys.modules.items()) if ours(name) and getattr(m, "__file__", None)}
     for path in sorted(code):
@@ -214,13 +214,14 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
     if source:
         names = ", ".join(reinitialised) or "none"
         say(f"weights from {source}: {len(reinitialised)} tensors re-initialised ({names})")
-    ckpt_dir = CHECKPOINTS / f"train-{resume_key(cfg, data_dir)[:16]}"
+    data_hash = tree_hash(data_dir)  # once: the resume key and the run's data_hash tag
+    ckpt_dir = CHECKPOINTS / f"train-{resume_key(cfg, data_hash)[:16]}"
     state = _load_resume(ckpt_dir / "last.pt") if t.resume == "auto" else None
     say(f"resolved config:\n{config.dump(cfg)}", end="")
 
     # Everything a user can get wrong was checked above: only now is an MLflow run opened (or continued).
     commit = tracking.git_commit()
-    hashes = {"data_hash": tree_hash(data_dir), "raw_data_hash": stats["content_hash"]} if world.main else {}
+    hashes = {"data_hash": data_hash, "raw_data_hash": stats["content_hash"]} if world.main else {}
     run = tracking.NoRun()
     if state is not None and world.main:
         try:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detpipe import engine
+from detpipe import config, engine, train
+from detpipe.files import tree_hash
 from detpipe.models import build_model
 from tests.conftest import ROOT, run_stage
 
@@ -85,6 +86,16 @@ def test_a_checkpoint_of_other_inputs_is_never_resumed(converted, tmp_path):
                                                                           "--set", "train.resume=never"]):
         result = run_stage("train", cwd, *other)
         assert result.returncode == 0 and "resuming" not in result.stderr, result.stderr
+
+
+def test_the_resume_key_follows_the_converted_data_and_the_params(converted):
+    cfg = config.load(ROOT / "params/detpipe.yaml")
+    data = converted / "data/coco"
+    key = train.resume_key(cfg, tree_hash(data))
+    assert key == train.resume_key(config.load(ROOT / "params/detpipe.yaml", ["train.log_interval=3"]),
+                                   tree_hash(data))  # logging is not an input of the weights
+    assert key != train.resume_key(config.load(ROOT / "params/detpipe.yaml", ["train.lr=0.5"]), tree_hash(data))
+    assert key != train.resume_key(cfg, tree_hash(data) + "0")
 
 
 @pytest.mark.slow
