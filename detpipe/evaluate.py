@@ -1,8 +1,9 @@
 """The evaluate stage: predict on the val split with the trained model, score with COCOeval, write and log.
 
 Outputs: ``predictions.json`` (COCO results), ``per_class.csv``, ``analysis.json`` and ``plots/`` (VOC mAP,
-PR curves, confusion matrix, worst images: docs/evaluation.md) and ``metrics.json`` (for ``dvc metrics``), all
-computed before the first is written.
+PR curves, confusion matrix, worst images: docs/evaluation.md), ``metrics.json`` (for ``dvc metrics``) and
+``run.json``, written in a temporary folder that replaces the output folder whole once everything, MLflow's
+logging included, has succeeded.
 Every input, the MLflow run included, is checked before anything is computed or written. Each evaluation then
 becomes a new MLflow child run of the training run (its params, metrics and every output file; docs/tracking.md),
 named in ``run.json``: the training run itself is never written to.
@@ -18,7 +19,7 @@ from detpipe import config, engine, tracking
 from detpipe.analysis import analyse, write_plots
 from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
-from detpipe.files import atomic_path, read_json_keys, tree_hash, write_json
+from detpipe.files import atomic_dir, read_json_keys, tree_hash, write_json
 from detpipe.metrics import named_stats
 from detpipe.models import has_masks, load_checkpoint
 
@@ -27,7 +28,7 @@ RUN_KEYS = ("run_id", "tracking_uri")
 
 def _per_class_csv(path: Path, results: dict) -> None:
     types = list(results)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with open(path, "w", newline="") as f:  # inside the stage's atomic output folder
         writer = csv.writer(f)
         writer.writerow(["class", *[f"{t}_{k}" for t in types for k in ("AP", "AP_50")]])
         for name in results["bbox"]["per_class"]:
@@ -71,22 +72,24 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, train_dir: Path, o
         raise DetpipeError(f"{split_file}: classes {dataset.class_names} differ from the model's "
                            f"{meta['classes']} ({model_file}); evaluate a model trained on these classes")
     engine.set_threads(cfg.threads)
-    # predictions.json (COCO results, one line) is written first and scored as it is: the library reads it and the
-    # split's file itself. It takes its name after the other files are written (atomic_path), metrics.json last.
-    with atomic_path(out / "predictions.json") as predictions:
+    # One folder, replaced whole at the end (atomic_dir): a failure anywhere, MLflow's logging included, leaves the
+    # earlier outputs as they were, and no file of an earlier evaluation (its run.json) stays beside new ones.
+    # predictions.json (COCO results, one line) is written first and scored as it is: the library reads it and
+    # the split's file itself.
+    with atomic_dir(out) as tmp:
         dets, results = engine.evaluate(model, dataset, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr,
-                                        cfg.evaluate.backend, predictions_file=predictions)
+                                        cfg.evaluate.backend, predictions_file=tmp / "predictions.json")
         metrics = named_stats(results)  # flat: bbox_mAP, bbox_mAP_50, ..., segm_AR_l
         metrics["num_images"] = len(dataset)
         metrics["num_detections"] = len(dets)
         analysis = analyse(dataset.coco, dets)  # boxes only, also for mask models
         metrics["voc_mAP_50"], metrics["voc_mAP_50_11pt"] = analysis["mAP_50"], analysis["mAP_50_11pt"]
-        _per_class_csv(out / "per_class.csv", results)
-        write_json(out / "analysis.json", _analysis_json(analysis, results["bbox"]))
-        write_plots(out / "plots", analysis)
-    write_json(out / "metrics.json", metrics)
-    if run is not None:
-        _log_child(cfg, run, out, metrics, model_file, data_dir, split)
+        _per_class_csv(tmp / "per_class.csv", results)
+        write_json(tmp / "analysis.json", _analysis_json(analysis, results["bbox"]))
+        write_plots(tmp / "plots", analysis)
+        write_json(tmp / "metrics.json", metrics)
+        if run is not None:
+            _log_child(cfg, run, tmp, metrics, model_file, data_dir, split)
     return metrics
 
 

@@ -156,6 +156,31 @@ def test_a_terminated_train_removes_its_temporary_output_and_marks_the_run_kille
 
 
 @pytest.mark.slow
+def test_a_failure_while_logging_the_evaluation_leaves_the_earlier_outputs_whole(trained, tmp_path, monkeypatch):
+    """The evaluate stage's folder is replaced whole or not at all: MLflow failing at the last step (the
+    artifacts) leaves every earlier file, run.json included, and no temporary folder."""
+    from detpipe import config, evaluate, tracking
+
+    cwd = tmp_path / "p"
+    shutil.copytree(trained, cwd)
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before, runs_before = snapshot(cwd / "runs/eval"), mlflow_runs(cwd)
+
+    def fail(self, folder):
+        raise OSError("the artifact store is full")
+
+    monkeypatch.setattr(tracking.Run, "log_artifacts", fail)
+    cfg = config.load(Path("params/detpipe.yaml"), ["evaluate.score_thr=0.3"])
+    with pytest.raises(OSError, match="artifact store is full"):
+        evaluate.run(cfg, Path("data/coco"), Path("data/raw"), Path("runs/train"), Path("runs/eval"))
+    assert snapshot(cwd / "runs/eval") == before
+    assert sorted(p.name for p in (cwd / "runs").iterdir()) == ["eval", "train"]  # no temporary folder left
+    new_runs = set(mlflow_runs(cwd)) - set(runs_before)
+    assert [status for _, status in new_runs] == ["FAILED"]
+
+
+@pytest.mark.slow
 def test_evaluate_scores_any_checkpoint_on_any_split_without_mlflow(trained, tmp_path):
     """The tutorial's tools/test.py: a model.pt from anywhere, scored on a chosen split, logged nowhere."""
     import json
@@ -180,3 +205,9 @@ def test_evaluate_scores_any_checkpoint_on_any_split_without_mlflow(trained, tmp
     assert_one_line_error(run_stage("evaluate", cwd, "--checkpoint", str(tmp_path / "other_classes.pt"),
                                     "--out", "x"), "differ from the model's", "other_classes.pt")
     assert not (cwd / "x").exists()
+    # scored into the logged evaluation's folder: its run.json goes with the rest, or the report would name an
+    # MLflow evaluation that did not make these numbers
+    result = run_stage("evaluate", cwd, "--checkpoint", str(tmp_path / "elsewhere.pt"), "--split", "train")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((cwd / "runs/eval/metrics.json").read_text()) == metrics
+    assert not (cwd / "runs/eval/run.json").exists()
