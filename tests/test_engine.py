@@ -349,6 +349,25 @@ def test_decoding_on_cuda_drains_the_callers_stream_first(tiny_coco, monkeypatch
     assert calls == ["decode 1 on cpu"]  # nothing to drain on the CPU
 
 
+def test_the_gpu_session_script_runs_the_steps_asked_for_and_skips_what_no_longer_fits(tmp_path):
+    """benchmarks/gpu_session.sh at toy sizes on the CPU: the chosen steps run, each under its limit, with their
+    output in session.log and a JSON each; a step that does not fit in what is left is skipped and says so."""
+    env = {**os.environ, "OUT": str(tmp_path / "a"), "GPU_SESSION_SMOKE": "1", "PYTHON": sys.executable,
+           "GPU_SESSION_STEPS": "train_bench infer", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "a/session.log").read_text()
+    assert "== train_bench: exit 0" in log and "== infer: exit 0" in log and "failed=0" in log
+    assert "== default" not in log and "== stages" not in log  # not asked for
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["bench_infer_gpu.json", "gpu_train_bench.json",
+                                                                  "session.log"]
+    env.update(OUT=str(tmp_path / "b"), GPU_SESSION_SECONDS="1")
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "== train_bench: skipped" in done.stdout and "== infer: skipped" in done.stdout
+
+
 def test_gpu_train_bench_smoke_runs_both_loops_without_pycocotools_or_mlflow(tmp_path):
     """The GPU benchmark's code, on the CPU at tiny sizes, where importing pycocotools or MLflow fails (the lent
     GPU machines have neither)."""
