@@ -19,7 +19,7 @@ from detpipe import config, engine, tracking
 from detpipe.analysis import analyse, write_plots
 from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
-from detpipe.files import atomic_dir, read_json_keys, tree_hash, write_json
+from detpipe.files import atomic_dir, check_output_folder, read_json_keys, tree_hash, write_json
 from detpipe.metrics import named_stats
 from detpipe.models import has_masks, load_checkpoint
 
@@ -60,8 +60,10 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, train_dir: Path, o
         raise DetpipeError(f"{split_file}: missing; run the convert stage first (or pick another split)")
     if not image_root.is_dir():
         raise DetpipeError(f"{image_root}: image folder does not exist; run the download stage first")
-    device = engine.resolve_device(cfg.device)
     model_file = Path(checkpoint) if checkpoint else train_dir / "model.pt"
+    check_output_folder(out, "metrics.json", "evaluate", {"the data": data_dir, "the images": image_root,
+                                                          "the model": model_file, "the train output": train_dir})
+    device = engine.resolve_device(cfg.device)
     model, meta = load_checkpoint(model_file, device)
     run = None
     if checkpoint is None:

@@ -88,6 +88,19 @@ def atomic_dir(path: Path):
                     folder.rmdir()
 
 
+def check_output_folder(out: Path, marker: str, stage: str, inputs: dict[str, Path | None]) -> None:
+    """``out`` is about to be replaced whole (:func:`atomic_dir`): refuse one that is or holds an input (or the
+    working directory), and an existing folder that is not empty and lacks ``marker`` (not an earlier ``stage``
+    output, so someone else's files)."""
+    resolved = Path(out).resolve()
+    for what, path in {"the working directory": Path.cwd(), **inputs}.items():
+        if path is not None and (resolved == Path(path).resolve() or resolved in Path(path).resolve().parents):
+            raise DetpipeError(f"{out}: the output folder would replace {what} ({path}); pick another --out")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise DetpipeError(f"{out}: exists and is not an earlier {stage} output (no {marker}); "
+                           "pick a new or empty --out")
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

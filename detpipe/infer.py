@@ -25,7 +25,7 @@ import numpy as np
 
 from detpipe import apis
 from detpipe.errors import DetpipeError
-from detpipe.files import atomic_dir, write_text
+from detpipe.files import atomic_dir, check_output_folder, write_text
 from detpipe.images import read_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -71,16 +71,6 @@ def find_source(input: str | Path) -> Source:
     if str(input).strip().isdigit():
         return Source("camera", camera=int(str(input)))
     raise DetpipeError(f"{path}: input does not exist (give an image, a folder, a video or a camera index)")
-
-
-def _check_out(out: Path, source: Source) -> None:
-    """The output folder is replaced whole: refuse one that holds the input or other people's files."""
-    resolved = out.resolve()
-    if source.path is not None and (resolved == source.path.resolve() or resolved in source.path.resolve().parents):
-        raise DetpipeError(f"{out}: the output folder would replace the input {source.path}; pick another --out")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DETECTIONS).is_file())):
-        raise DetpipeError(f"{out}: exists and is not an earlier infer output (no {DETECTIONS}); "
-                           "pick a new or empty --out")
 
 
 def _cv2():
@@ -243,7 +233,7 @@ def run(checkpoint, input, out, *, score_thr: float = 0.3, device: str = "auto",
         raise DetpipeError(f"--max-frames: must be at least 1, got {max_frames}")
     source = find_source(input)
     out = Path(out)
-    _check_out(out, source)
+    check_output_folder(out, DETECTIONS, "infer", {"the input": source.path})
     model = apis.init_detector(None, checkpoint, device=device)
     capture = first = None
     if source.kind in ("video", "camera"):

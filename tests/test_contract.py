@@ -211,3 +211,12 @@ def test_evaluate_scores_any_checkpoint_on_any_split_without_mlflow(trained, tmp
     assert result.returncode == 0, result.stderr
     assert json.loads((cwd / "runs/eval/metrics.json").read_text()) == metrics
     assert not (cwd / "runs/eval/run.json").exists()
+    # the folder is replaced whole, so one that holds an input or someone else's files is refused
+    (cwd / "notes").mkdir()
+    (cwd / "notes/todo.txt").write_text("mine")
+    before = snapshot(cwd)
+    for out, fragment in ((".", "would replace the working directory"), ("runs", "would replace the model"),
+                          ("runs/train", "would replace the model"), ("data", "would replace the data"),
+                          ("notes", "notes: exists and is not an earlier evaluate output (no metrics.json)")):
+        assert_one_line_error(run_stage("evaluate", cwd, "--out", out), fragment)
+    assert snapshot(cwd) == before
