@@ -321,7 +321,7 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
     registry_path = Path(datasets) if datasets else path.parent / DATASETS_FILE.name
     data["data"] = load_dataset_entry(registry_path, data["dataset"])
     cfg = Config(data)
-    cfg.source = {"params_file": str(path), "overrides": list(overrides)}  # how it was made: not a param
+    cfg._cli = {"params_file": path, "overrides": list(overrides)}  # how it was made (tracking.launch_tags)
     return cfg
 
 

@@ -110,11 +110,11 @@ def param_values(stage: str, root: Path = Path(".")) -> dict:
     values = {}
     for file, keys in STAGES[stage].params.items():
         data = yaml.load((root / file).read_text(), Loader=_YAML_LOADER) or {}
-        values[file] = data if keys is None else {k: _dotted(data, k) for k in keys}
+        values[file] = data if keys is None else {k: dotted(data, k) for k in keys}
     return values
 
 
-def _dotted(data: dict, key: str):
+def dotted(data: dict, key: str):
     """``data["a"]["b"]`` for ``"a.b"``; None where a level is missing (as for a left-out optional key)."""
     for part in key.split("."):
         data = data.get(part) if isinstance(data, dict) else None

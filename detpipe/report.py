@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import shlex
 import sys
 from pathlib import Path
 
+import yaml
 from PIL import Image
 
-from detpipe import config, tracking, visualize
+from detpipe import config, pipeline, tracking, visualize
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_dir, read_json, read_json_keys, write_text
 from detpipe.images import ann_mask, read_rgb
@@ -313,41 +315,72 @@ def evaluation_section(inputs: dict, image_root: Path, cfg, figures: dict) -> st
             f'<div><h4>No errors, most objects</h4>{error_images(analysis["best_images"], *args, "good")}</div></div>')
 
 
-def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = ()) -> str:
-    """Shell lines that rebuild this report from its commit, the way the run was launched. ``tags`` are the
-    training run's, ``later`` those of the stages after it: a params file other than the pipeline's and the
-    ``--set`` overrides of each (tracking.launch_tags) become ``dvc exp run -S`` settings, the last stage's
-    value winning where two stages set one key differently."""
+def _hydra_value(value) -> str:
+    """A params value in the override grammar of ``dvc exp run -S`` (Hydra's): strings quoted, so that ``=``,
+    ``,`` and spaces stay part of them."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(map(_hydra_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _read_by_training(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.")
+               for k in pipeline.STAGES["train"].params[pipeline.PARAMS])
+
+
+def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), trained: dict | None = None) -> str:
+    """Shell lines that rebuild this report from its commit, the way the run was launched.
+
+    ``tags`` are the training run's launch tags, ``later`` those of the stages after it (tracking.launch_tags):
+    their ``--set`` overrides become ``dvc exp run -S 'params/detpipe.yaml:++KEY=VALUE'`` (``++`` also sets a key
+    the file leaves to its default), after copying in the params file training read, if another. A later stage's
+    override of a key training also reads (``device``, ``seed``, ...) is applied only where it equals the value
+    training used (``trained``, its resolved config); otherwise it would change the training, so a comment names
+    it instead. Likewise a params file that only a later stage read.
+    """
     sha = commit.removesuffix("-dirty")
-    launcher = tags.get("launcher", "")
-    settings, params_file, clash = {}, None, []
-    for stage_tags in (tags, *later):
-        params_file = params_file or stage_tags.get("params_file")
+    settings, notes, params_file = {}, [], tags.get("params_file")
+    for item in shlex.split(tags.get("overrides", "")):
+        key, _, value = item.partition("=")
+        settings[key] = yaml.safe_load(value)
+    for stage_tags in later:
+        stage = stage_tags.get("stage", "a later stage")
+        if stage_tags.get("params_file", params_file) != params_file:
+            notes.append(f"# {stage} read {stage_tags['params_file']}, training {params_file or pipeline.PARAMS}: "
+                         "not applied")
         for item in shlex.split(stage_tags.get("overrides", "")):
-            key, _, value = item.partition("=")
-            if settings.get(key, value) != value:
-                clash.append(key)
-            settings[key] = value
-    if launcher == "dvc exp run" and tags.get("dvc_exp_name"):
+            key, _, raw = item.partition("=")
+            value = yaml.safe_load(raw)
+            used = pipeline.dotted(trained, key) if trained is not None else settings.get(key)
+            if _read_by_training(key) and settings.get(key, used) != value:
+                notes.append(f"# {stage} ran with --set {item}; training read {key} too, so it is not applied")
+            else:
+                settings[key] = value
+    if tags.get("launcher") == "dvc exp run" and tags.get("dvc_exp_name"):
         steps = [f"dvc exp apply {tags['dvc_exp_name']}", "dvc repro"]
     elif settings or params_file:
-        steps = [f"cp {shlex.quote(params_file)} params/detpipe.yaml  # the params file the run read"] if params_file \
+        steps = [f"cp {shlex.quote(params_file)} {pipeline.PARAMS}  # the params file training read"] if params_file \
             else []
-        sets = " ".join(f"-S {shlex.quote(f'params/detpipe.yaml:{k}={v}')}" for k, v in settings.items())
+        sets = " ".join(f"-S {shlex.quote(f'{pipeline.PARAMS}:++{k}={_hydra_value(v)}')}" for k, v in settings.items())
         steps.append(f"dvc exp run {sets}".rstrip())
-        if clash:
-            steps.insert(0, f"# the stages ran with different values of {', '.join(sorted(set(clash)))}: "
-                            "the last stage's is set")
-    elif launcher == "dvc repro":
+    elif tags.get("launcher") == "dvc repro":
         steps = ["dvc repro"]
     else:
         steps = ["snakemake --cores 1 report"]
-    lines = [f"git checkout {sha}", *steps]
+    lines = [f"git checkout {sha}", *notes, *steps]
     if commit.endswith("-dirty"):
         lines.insert(0, "# the run had uncommitted changes: the commit alone may not reproduce it; the resolved "
                         "params are runs/train/config.yaml")
     elif commit == "unknown":
-        lines = ["# the run was not made in a git checkout: no commit to return to", *steps]
+        lines = ["# the run was not made in a git checkout: no commit to return to", *notes, *steps]
     return "\n".join(lines)
 
 
@@ -385,7 +418,7 @@ def provenance_section(inputs: dict, mlflow: dict) -> str:
     ui = (f"<p>MLflow UI: <code>{html.escape(start)}</code>, then open <a href=\"{html.escape(runs_link)}\">"
           f"{html.escape(runs_link)}</a> (the link lands on the runs table).</p>" if start else
           f'<p>MLflow UI: <a href="{html.escape(runs_link)}">{html.escape(runs_link)}</a></p>')
-    command = html.escape(reproduce_command(run["git_commit"], mlflow["tags"], mlflow.get("later_tags", ())))
+    command = html.escape(reproduce_command(run["git_commit"], mlflow["tags"], mlflow.get("later_tags", ()), trained))
     return (f"{table}<h3>Reproduce</h3><pre>{command}</pre>{ui}"
             f"<details><summary>Params of the run (runs/train/config.yaml)</summary>"
             f"<pre>{html.escape(inputs['config_text'])}</pre></details>")
@@ -482,7 +515,7 @@ def run(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_dir: Path, 
     if inputs["eval_run"]:
         evaluation_run = tracking.Run.existing(inputs["eval_run"]["run_id"], eval_dir / "run.json")
         later.append(evaluation_run.client.get_run(evaluation_run.run_id).data.tags)
-    later.append(tracking.launch_tags(cfg))
+    later.append({"stage": "report", **tracking.launch_tags(cfg)})
     mlflow = {"experiment_id": info.info.experiment_id, "run_name": info.info.run_name or parent.run_id,
               "tags": info.data.tags, "later_tags": tuple(later)}
     try:

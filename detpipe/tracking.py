@@ -141,11 +141,14 @@ def launch_tags(cfg=None) -> dict[str, str]:
         tags = {"launcher": "snakemake", "snakemake_run": env[SNAKEMAKE_RUN]}
     else:
         tags = {"launcher": "manual"}
-    source = getattr(cfg, "source", None) or {}
-    if source.get("overrides"):
-        tags["overrides"] = shlex.join(source["overrides"])
-    if source and Path(source["params_file"]).resolve() != Path("params/detpipe.yaml").resolve():
-        tags["params_file"] = source["params_file"]
+    cli = getattr(cfg, "_cli", None) or {}
+    if cli.get("overrides"):
+        tags["overrides"] = shlex.join(cli["overrides"])
+    if cli:  # the pipeline's file, seen from the stage's folder (a queued experiment's copy too) or the project's
+        root, params_file = project_root(), Path(cli["params_file"]).resolve()
+        if params_file not in (Path("params/detpipe.yaml").resolve(), root / "params/detpipe.yaml"):
+            tags["params_file"] = str(params_file.relative_to(root) if params_file.is_relative_to(root)
+                                      else params_file)
     return tags
 
 

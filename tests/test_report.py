@@ -4,6 +4,7 @@ val set, predictions scored by the evaluate stage's functions, training logs, an
 import base64
 import io
 import json
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.bench_report import make_project
-from detpipe import config, report, visualize
+from detpipe import config, pipeline, report, visualize
 from detpipe.errors import DetpipeError
 from tests.browser import Browser, chromium_path
 from tests.conftest import ROOT, sh
@@ -47,7 +48,7 @@ def test_the_page_has_every_section_and_the_run_s_numbers(project):
     assert made["earlier_run_id"][:8] in page and made["run_id"] in page
     run = json.loads((root / "runs/train/run.json").read_text())
     # the report's own --set override is part of how the page was made
-    assert f"git checkout {run['git_commit']}\ndvc exp run -S params/detpipe.yaml:report.num_samples=3" in page
+    assert f"git checkout {run['git_commit']}\ndvc exp run -S params/detpipe.yaml:++report.num_samples=3" in page
     assert run["data_hash"] in page and run["raw_data_hash"] in page
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in page
     assert "?workflowType=machine_learning" in page  # the MLflow link that lands on the runs table
@@ -114,20 +115,53 @@ def test_the_reproduce_command_follows_the_launcher():
     dirty = report.reproduce_command(sha + "-dirty", {"launcher": "dvc repro"}).splitlines()
     assert dirty[0].startswith("# the run had uncommitted changes") and dirty[1:] == [f"git checkout {sha}",
                                                                                      "dvc repro"]
-    # --set overrides and another params file, of training and of the stages after it, become dvc exp run -S
-    train = {"launcher": "manual", "overrides": "train.lr=0.02 'model.name=faster rcnn'"}
-    assert report.reproduce_command(sha, train, ({"launcher": "manual", "overrides": "evaluate.score_thr=0.3"},
-                                                 {"launcher": "manual"})).splitlines() == [
-        f"git checkout {sha}", "dvc exp run -S params/detpipe.yaml:train.lr=0.02 "
-        "-S 'params/detpipe.yaml:model.name=faster rcnn' -S params/detpipe.yaml:evaluate.score_thr=0.3"]
+    # --set overrides and another params file become dvc exp run -S '...:++KEY=VALUE', values in Hydra's grammar
+    train = {"launcher": "manual", "overrides": shlex.join(["train.lr=0.02", "experiment=a=b, c", "train.lr=0.03",
+                                                            "train.milestones=[8, 11]", "model.weights=null"])}
+    evaluation = {"stage": "evaluate", "launcher": "manual", "overrides": "evaluate.score_thr=0.3 device=cpu"}
+    trained = {"device": "cpu", "train": {"lr": 0.03}}
+    lines = report.reproduce_command(sha, train, (evaluation, {"stage": "report", "launcher": "manual"}), trained)
+    sets = ["params/detpipe.yaml:++train.lr=0.03", 'params/detpipe.yaml:++experiment="a=b, c"',
+            "params/detpipe.yaml:++train.milestones=[8,11]", "params/detpipe.yaml:++model.weights=null",
+            "params/detpipe.yaml:++evaluate.score_thr=0.3", 'params/detpipe.yaml:++device="cpu"']
+    assert lines.splitlines() == [f"git checkout {sha}",
+                                  "dvc exp run " + " ".join(f"-S {shlex.quote(s)}" for s in sets)]
+    # a later stage's value of a key training read too would change the training: named, not applied
+    lines = report.reproduce_command(sha, train, (evaluation,), {**trained, "device": "cuda"}).splitlines()
+    assert lines[1] == "# evaluate ran with --set device=cpu; training read device too, so it is not applied"
+    assert "device" not in lines[-1] and "evaluate.score_thr=0.3" in lines[-1]
     other = report.reproduce_command(sha, {"launcher": "snakemake", "params_file": "params/big.yaml"},
-                                     ({"launcher": "manual", "overrides": "device=cpu"},)).splitlines()
-    assert other == [f"git checkout {sha}", "cp params/big.yaml params/detpipe.yaml  # the params file the run read",
-                     "dvc exp run -S params/detpipe.yaml:device=cpu"]
-    clash = report.reproduce_command(sha, {"launcher": "manual", "overrides": "device=cuda"},
-                                     ({"launcher": "manual", "overrides": "device=cpu"},)).splitlines()
-    assert clash[1].startswith("# the stages ran with different values of device") and clash[-1].endswith(
-        ":device=cpu")
+                                     ({"stage": "evaluate", "params_file": "params/small.yaml"},)).splitlines()
+    assert other == [f"git checkout {sha}",
+                     "# evaluate read params/small.yaml, training params/big.yaml: not applied",
+                     "cp params/big.yaml params/detpipe.yaml  # the params file training read", "dvc exp run"]
+
+
+@pytest.mark.slow
+def test_the_reproduce_command_s_dvc_settings_give_the_values_the_overrides_gave(tmp_path):
+    """The real `dvc exp run -S` of the command writes into params/detpipe.yaml what detpipe's --set read: values
+    with '=', ',' and spaces, lists, null, and keys the file leaves to their defaults."""
+    overrides = ["train.lr=0.03", "experiment=a=b, c", "train.milestones=[8, 11]", "model.weights=\"\"",
+                 "train.processes=1", "train.amp_dtype=float16", "report.score_thr=1e-3", "train.hflip=0"]
+    command = report.reproduce_command("ab" * 20, {"launcher": "manual", "overrides": shlex.join(overrides)})
+    run_line = command.splitlines()[-1]
+    assert run_line.startswith("dvc exp run -S ")
+    (tmp_path / "params").mkdir()
+    shutil.copy(ROOT / "params/detpipe.yaml", tmp_path / "params/detpipe.yaml")
+    shutil.copy(ROOT / "params/datasets.yaml", tmp_path / "params/datasets.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: cp params/detpipe.yaml used.yaml\n"
+                                       "    params: [{params/detpipe.yaml: [experiment, train, model, report]}]\n"
+                                       "    outs: [used.yaml]\n")
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "dvc", "init", "-q")
+    sh(tmp_path, "git", "add", "-A")
+    sh(tmp_path, "git", "commit", "-qm", "params")
+    sh(tmp_path, "bash", "-c", run_line)
+    written = config.load(tmp_path / "used.yaml", datasets=tmp_path / "params/datasets.yaml")
+    expected = config.load(ROOT / "params/detpipe.yaml", overrides)
+    for item in overrides:
+        key = item.partition("=")[0]
+        assert pipeline.dotted(written, key) == pipeline.dotted(expected, key), key
 
 
 def test_training_chart_skips_epochs_that_were_not_validated_and_draws_iteration_components():
