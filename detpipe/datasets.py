@@ -88,7 +88,7 @@ def decode_on_device(images: list, targets: list, device, transforms=None) -> tu
     images, targets = list(images), list(targets)
     if torch.device(device).type == "cuda":
         # nvJPEG writes its outputs on torchvision's own stream, not ordered against ours, into memory the caching
-        # allocator may hand out while our queued kernels still read it: NaN losses within 3 iterations on an
+        # allocator may hand out while our queued kernels still read it: NaN losses by iteration 2 to 4 on an
         # H100 (pytorch/vision#9606). Draining our stream first is the fix torchvision's report gives.
         torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg still works

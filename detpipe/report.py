@@ -513,7 +513,8 @@ def run(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_dir: Path, 
     info = parent.client.get_run(parent.run_id)
     later = []  # the launch tags of the stages after training, for the reproduce command
     if inputs["eval_run"]:
-        evaluation_run = tracking.Run.existing(inputs["eval_run"]["run_id"], eval_dir / "run.json")
+        evaluation_run = tracking.Run.existing(inputs["eval_run"]["run_id"], eval_dir / "run.json",
+                                               stage="evaluate")
         later.append(evaluation_run.client.get_run(evaluation_run.run_id).data.tags)
     later.append({"stage": "report", **tracking.launch_tags(cfg)})
     mlflow = {"experiment_id": info.info.experiment_id, "run_name": info.info.run_name or parent.run_id,

@@ -165,8 +165,9 @@ class Run:
         self.run_id = run_id
 
     @classmethod
-    def existing(cls, run_id: str, record: Path, root: Path | None = None) -> Run:
-        """The run ``record`` (a ``run.json``) names; a one-line error when this store does not hold it."""
+    def existing(cls, run_id: str, record: Path, root: Path | None = None, stage: str = "train") -> Run:
+        """The run ``record`` (a ``run.json`` of ``stage``'s output) names; a one-line error when this store does
+        not hold it."""
         from mlflow.exceptions import MlflowException
 
         run = cls(run_id, root)
@@ -175,7 +176,7 @@ class Run:
         except MlflowException:
             raise DetpipeError(f"{record}: MLflow run {run_id} is not in the store "
                                f"{without_credentials(tracking_uri(root))}; "
-                               "rerun the train stage (or set MLFLOW_TRACKING_URI to the store it used)") from None
+                               f"rerun the {stage} stage (or set MLFLOW_TRACKING_URI to the store it used)") from None
         return run
 
     @classmethod

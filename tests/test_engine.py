@@ -326,7 +326,7 @@ def test_notebook_training_from_python(tiny_coco, tmp_path, monkeypatch):
 
 def test_decoding_on_cuda_drains_the_callers_stream_first(tiny_coco, monkeypatch):
     """nvJPEG writes on torchvision's own stream into memory our queued kernels may still read (pytorch/vision#9606;
-    NaN losses by iteration 3 on an H100, docs/performance.md): the stream is drained before every CUDA decode."""
+    NaN losses by iteration 2 to 4 on an H100, docs/performance.md): the stream is drained before every CUDA decode."""
     import torchvision.io
 
     calls = []
@@ -349,6 +349,7 @@ def test_decoding_on_cuda_drains_the_callers_stream_first(tiny_coco, monkeypatch
     assert calls == ["decode 1 on cpu"]  # nothing to drain on the CPU
 
 
+@pytest.mark.slow
 def test_the_gpu_session_script_runs_the_steps_asked_for_and_skips_what_no_longer_fits(tmp_path):
     """benchmarks/gpu_session.sh at toy sizes on the CPU: the chosen steps run, each under its limit, with their
     output in session.log and a JSON each; a step that does not fit in what is left is skipped and says so."""
@@ -358,14 +359,14 @@ def test_the_gpu_session_script_runs_the_steps_asked_for_and_skips_what_no_longe
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     log = (tmp_path / "a/session.log").read_text()
-    assert "== train_bench: exit 0" in log and "== infer: exit 0" in log and "failed=0" in log
+    assert "== train_bench: exit 0" in log and "== infer: exit 0" in log and "failed=0, skipped=0" in log
     assert "== default" not in log and "== stages" not in log  # not asked for
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["bench_infer_gpu.json", "gpu_train_bench.json",
                                                                   "session.log"]
     env.update(OUT=str(tmp_path / "b"), GPU_SESSION_SECONDS="1")
     done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert done.returncode == 0 and "== train_bench: skipped" in done.stdout and "== infer: skipped" in done.stdout
+    assert done.returncode == 3 and "== train_bench: skipped" in done.stdout and "== infer: skipped" in done.stdout
 
 
 def test_gpu_train_bench_smoke_runs_both_loops_without_pycocotools_or_mlflow(tmp_path):
