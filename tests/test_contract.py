@@ -114,13 +114,15 @@ CASES = {
                                  "runs/eval/predictions.json: predictions is missing"),
     "train_log.csv missing": (lambda cwd: (cwd / "runs/train/train_log.csv").unlink(),
                               "runs/train/train_log.csv: training log is missing"),
+    "eval run unknown": (lambda cwd: (cwd / "runs/eval/run.json").write_text('{"run_id": "%s"}' % ("0" * 32)),
+                         "runs/eval/run.json: MLflow run 00000000000000000000000000000000 is not in the store"),
     "config.yaml malformed": (lambda cwd: (cwd / "runs/train/config.yaml").write_text("model: [fcos\n"),
                               "runs/train/config.yaml:2: malformed YAML in training config"),
 }
 EVALUATE_CASES = ["run.json malformed", "run.json without run_id", "model.pt corrupt", "model.pt missing",
                   "store without the run"]
 REPORT_CASES = ["run.json malformed", "run.json without run_id", "store without the run", "metrics.json malformed",
-                "predictions.json missing", "train_log.csv missing", "config.yaml malformed"]
+                "predictions.json missing", "train_log.csv missing", "config.yaml malformed", "eval run unknown"]
 
 
 @pytest.mark.slow
