@@ -186,6 +186,17 @@ SOURCE_SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
+# The params-file keys the train stage reads (its DVC params; the report's reproduce command needs them too).
+TRAINING_KEYS = ("preset", "experiment", "seed", "device", "threads", "model", "train", "evaluate.backend")
+
+
+def dotted(data: dict, key: str):
+    """``data["a"]["b"]`` for ``"a.b"``; None where a level is missing (as for a left-out optional key)."""
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
 class Config(dict):
     """A dict with attribute access (``cfg.train.lr``), like mmcv's Config."""
 

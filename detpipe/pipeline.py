@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from detpipe.config import TRAINING_KEYS, dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PARAMS = "params/detpipe.yaml"
@@ -87,8 +89,7 @@ STAGES = {s.name: s for s in [
           params={PARAMS: ["preset", "dataset", "convert"], DATASETS: None, **_PRESET},
           modules=(*_BASE, *_FORMATS, "conversion", "convert")),
     Stage("train", args={"data": COCO, "images": RAW, "out": TRAIN}, deps=[RAW, COCO], outs=[TRAIN],
-          params={PARAMS: ["preset", "experiment", "seed", "device", "threads", "model", "train", "evaluate.backend"],
-                  **_PRESET},
+          params={PARAMS: list(TRAINING_KEYS), **_PRESET},
           modules=(*_BASE, *_MODEL, "train")),
     Stage("evaluate", args={"data": COCO, "images": RAW, "model": TRAIN, "out": EVAL}, deps=[RAW, COCO, TRAIN],
           outs=[*EVAL_FILES, *EVAL_ANALYSIS], params={PARAMS: ["preset", "device", "threads", "evaluate"], **_PRESET},
@@ -113,12 +114,6 @@ def param_values(stage: str, root: Path = Path(".")) -> dict:
         values[file] = data if keys is None else {k: dotted(data, k) for k in keys}
     return values
 
-
-def dotted(data: dict, key: str):
-    """``data["a"]["b"]`` for ``"a.b"``; None where a level is missing (as for a left-out optional key)."""
-    for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
 
 # Top-level DVC plots (`dvc plots show`, `dvc plots diff`; docs/evaluation.md): file -> display properties. The eval
 # files are the names detpipe.analysis.write_plots makes (tests/test_analysis.py checks that and renders each plot).

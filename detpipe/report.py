@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from detpipe import config, pipeline, tracking, visualize
+from detpipe import config, tracking, visualize
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_dir, read_json, read_json_keys, write_text
 from detpipe.images import ann_mask, read_rgb
@@ -315,6 +315,9 @@ def evaluation_section(inputs: dict, image_root: Path, cfg, figures: dict) -> st
             f'<div><h4>No errors, most objects</h4>{error_images(analysis["best_images"], *args, "good")}</div></div>')
 
 
+PARAMS = config.PARAMS_FILE.as_posix()  # the pipeline's params file, as the commands name it
+
+
 def _hydra_value(value) -> str:
     """A params value in the override grammar of ``dvc exp run -S`` (Hydra's): strings quoted, so that ``=``,
     ``,`` and spaces stay part of them."""
@@ -332,8 +335,7 @@ def _hydra_value(value) -> str:
 
 
 def _read_by_training(key: str) -> bool:
-    return any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.")
-               for k in pipeline.STAGES["train"].params[pipeline.PARAMS])
+    return any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.") for k in config.TRAINING_KEYS)
 
 
 def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), trained: dict | None = None) -> str:
@@ -354,12 +356,12 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
     for stage_tags in later:
         stage = stage_tags.get("stage", "a later stage")
         if stage_tags.get("params_file", params_file) != params_file:
-            notes.append(f"# {stage} read {stage_tags['params_file']}, training {params_file or pipeline.PARAMS}: "
+            notes.append(f"# {stage} read {stage_tags['params_file']}, training {params_file or PARAMS}: "
                          "not applied")
         for item in shlex.split(stage_tags.get("overrides", "")):
             key, _, raw = item.partition("=")
             value = yaml.safe_load(raw)
-            used = pipeline.dotted(trained, key) if trained is not None else settings.get(key)
+            used = config.dotted(trained, key) if trained is not None else settings.get(key)
             if _read_by_training(key) and settings.get(key, used) != value:
                 notes.append(f"# {stage} ran with --set {item}; training read {key} too, so it is not applied")
             else:
@@ -367,9 +369,9 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
     if tags.get("launcher") == "dvc exp run" and tags.get("dvc_exp_name"):
         steps = [f"dvc exp apply {tags['dvc_exp_name']}", "dvc repro"]
     elif settings or params_file:
-        steps = [f"cp {shlex.quote(params_file)} {pipeline.PARAMS}  # the params file training read"] if params_file \
+        steps = [f"cp {shlex.quote(params_file)} {PARAMS}  # the params file training read"] if params_file \
             else []
-        sets = " ".join(f"-S {shlex.quote(f'{pipeline.PARAMS}:++{k}={_hydra_value(v)}')}" for k, v in settings.items())
+        sets = " ".join(f"-S {shlex.quote(f'{PARAMS}:++{k}={_hydra_value(v)}')}" for k, v in settings.items())
         steps.append(f"dvc exp run {sets}".rstrip())
     elif tags.get("launcher") == "dvc repro":
         steps = ["dvc repro"]

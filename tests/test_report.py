@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.bench_report import make_project
-from detpipe import config, pipeline, report, visualize
+from detpipe import config, report, visualize
 from detpipe.errors import DetpipeError
 from tests.browser import Browser, chromium_path
 from tests.conftest import ROOT, sh
@@ -161,7 +161,7 @@ def test_the_reproduce_command_s_dvc_settings_give_the_values_the_overrides_gave
     expected = config.load(ROOT / "params/detpipe.yaml", overrides)
     for item in overrides:
         key = item.partition("=")[0]
-        assert pipeline.dotted(written, key) == pipeline.dotted(expected, key), key
+        assert config.dotted(written, key) == config.dotted(expected, key), key
 
 
 def test_training_chart_skips_epochs_that_were_not_validated_and_draws_iteration_components():
