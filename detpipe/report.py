@@ -355,9 +355,9 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
         settings[key] = yaml.safe_load(value)
     for stage_tags in later:
         stage = stage_tags.get("stage", "a later stage")
-        if stage_tags.get("params_file", params_file) != params_file:
-            notes.append(f"# {stage} read {stage_tags['params_file']}, training {params_file or PARAMS}: "
-                         "not applied")
+        if stage_tags.get("params_file") != params_file:
+            notes.append(f"# {stage} read {stage_tags.get('params_file') or PARAMS}, training "
+                         f"{params_file or PARAMS}: not applied")
         for item in shlex.split(stage_tags.get("overrides", "")):
             key, _, raw = item.partition("=")
             value = yaml.safe_load(raw)
@@ -368,6 +368,9 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
                 settings[key] = value
     if tags.get("launcher") == "dvc exp run" and tags.get("dvc_exp_name"):
         steps = [f"dvc exp apply {tags['dvc_exp_name']}", "dvc repro"]
+        by_hand = [f"--set {o}" for t in later for o in shlex.split(t.get("overrides", ""))]
+        notes = [f"# stages after training ran by hand with {' '.join(by_hand)}: not part of the experiment"] \
+            if by_hand else []
     elif settings or params_file:
         steps = [f"cp {shlex.quote(params_file)} {PARAMS}  # the params file training read"] if params_file \
             else []

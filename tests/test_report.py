@@ -135,6 +135,14 @@ def test_the_reproduce_command_follows_the_launcher():
     assert other == [f"git checkout {sha}",
                      "# evaluate read params/small.yaml, training params/big.yaml: not applied",
                      "cp params/big.yaml params/detpipe.yaml  # the params file training read", "dvc exp run"]
+    other = report.reproduce_command(sha, {"launcher": "manual", "params_file": "params/big.yaml"},
+                                     ({"stage": "evaluate"},)).splitlines()
+    assert other[1] == "# evaluate read params/detpipe.yaml, training params/big.yaml: not applied"
+    experiment = report.reproduce_command(sha, {"launcher": "dvc exp run", "dvc_exp_name": "lr-sweep"},
+                                          ({"stage": "evaluate", "overrides": "evaluate.score_thr=0.3"},))
+    assert experiment.splitlines() == [f"git checkout {sha}", "# stages after training ran by hand with --set "
+                                       "evaluate.score_thr=0.3: not part of the experiment",
+                                       "dvc exp apply lr-sweep", "dvc repro"]
 
 
 @pytest.mark.slow
