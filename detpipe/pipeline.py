@@ -14,11 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from detpipe.config import TRAINING_KEYS, dotted
+from detpipe.config import PARAMS_FILE, TRAINING_KEYS, dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARAMS = "params/detpipe.yaml"
+PARAMS = PARAMS_FILE.as_posix()
 DATASETS = "params/datasets.yaml"
 # A preset may set any key, so every stage reads the key that selects it and every preset file.
 PRESETS = tuple(sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "params/presets").glob("*.yaml")))

@@ -334,6 +334,14 @@ def _hydra_value(value) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
+def _overrides(tags: dict):
+    """``(item, key, value)`` of each ``--set`` override recorded in launch ``tags``, the value read as ``--set``
+    reads it (YAML)."""
+    for item in shlex.split(tags.get("overrides", "")):
+        key, _, raw = item.partition("=")
+        yield item, key, yaml.safe_load(raw)
+
+
 def _read_by_training(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.") for k in config.TRAINING_KEYS)
 
@@ -350,17 +358,13 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
     """
     sha = commit.removesuffix("-dirty")
     settings, notes, params_file = {}, [], tags.get("params_file")
-    for item in shlex.split(tags.get("overrides", "")):
-        key, _, value = item.partition("=")
-        settings[key] = yaml.safe_load(value)
+    settings.update((key, value) for _, key, value in _overrides(tags))
     for stage_tags in later:
         stage = stage_tags.get("stage", "a later stage")
         if stage_tags.get("params_file") != params_file:
             notes.append(f"# {stage} read {stage_tags.get('params_file') or PARAMS}, training "
                          f"{params_file or PARAMS}: not applied")
-        for item in shlex.split(stage_tags.get("overrides", "")):
-            key, _, raw = item.partition("=")
-            value = yaml.safe_load(raw)
+        for item, key, value in _overrides(stage_tags):
             used = config.dotted(trained, key) if trained is not None else settings.get(key)
             if _read_by_training(key) and settings.get(key, used) != value:
                 notes.append(f"# {stage} ran with --set {item}; training read {key} too, so it is not applied")
@@ -368,7 +372,7 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
                 settings[key] = value
     if tags.get("launcher") == "dvc exp run" and tags.get("dvc_exp_name"):
         steps = [f"dvc exp apply {tags['dvc_exp_name']}", "dvc repro"]
-        by_hand = [f"--set {o}" for t in later for o in shlex.split(t.get("overrides", ""))]
+        by_hand = [f"--set {item}" for t in later for item, _, _ in _overrides(t)]
         notes = [f"# stages after training ran by hand with {' '.join(by_hand)}: not part of the experiment"] \
             if by_hand else []
     elif settings or params_file:
@@ -515,12 +519,11 @@ def run(cfg, data_dir: Path, image_root: Path, train_dir: Path, eval_dir: Path, 
     figures_dir = Path(figures_dir) if figures_dir else out.parent / "figures"
     inputs = _inputs(data_dir, train_dir, eval_dir)
     parent = tracking.Run.existing(inputs["run"]["run_id"], train_dir / "run.json")
-    info = parent.client.get_run(parent.run_id)
+    info = parent.stored
     later = []  # the launch tags of the stages after training, for the reproduce command
     if inputs["eval_run"]:
-        evaluation_run = tracking.Run.existing(inputs["eval_run"]["run_id"], eval_dir / "run.json",
-                                               stage="evaluate")
-        later.append(evaluation_run.client.get_run(evaluation_run.run_id).data.tags)
+        later.append(tracking.Run.existing(inputs["eval_run"]["run_id"], eval_dir / "run.json",
+                                           stage="evaluate").stored.data.tags)
     later.append({"stage": "report", **tracking.launch_tags(cfg)})
     mlflow = {"experiment_id": info.info.experiment_id, "run_name": info.info.run_name or parent.run_id,
               "tags": info.data.tags, "later_tags": tuple(later)}

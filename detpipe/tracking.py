@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from detpipe.config import PARAMS_FILE
 from detpipe.errors import DetpipeError
 
 STORE = "mlflow.db"
@@ -146,7 +147,7 @@ def launch_tags(cfg=None) -> dict[str, str]:
         tags["overrides"] = shlex.join(cli["overrides"])
     if cli:  # the pipeline's file, seen from the stage's folder (a queued experiment's copy too) or the project's
         root, params_file = project_root(), Path(cli["params_file"]).resolve()
-        if params_file not in (Path("params/detpipe.yaml").resolve(), root / "params/detpipe.yaml"):
+        if params_file not in (PARAMS_FILE.resolve(), root / PARAMS_FILE):
             tags["params_file"] = str(params_file.relative_to(root) if params_file.is_relative_to(root)
                                       else params_file)
     return tags
@@ -167,12 +168,12 @@ class Run:
     @classmethod
     def existing(cls, run_id: str, record: Path, root: Path | None = None, stage: str = "train") -> Run:
         """The run ``record`` (a ``run.json`` of ``stage``'s output) names; a one-line error when this store does
-        not hold it."""
+        not hold it. ``run.stored`` is what the store holds of it (MLflow's ``Run``: info, params, tags)."""
         from mlflow.exceptions import MlflowException
 
         run = cls(run_id, root)
         try:
-            run.client.get_run(run_id)
+            run.stored = run.client.get_run(run_id)
         except MlflowException:
             raise DetpipeError(f"{record}: MLflow run {run_id} is not in the store "
                                f"{without_credentials(tracking_uri(root))}; "
