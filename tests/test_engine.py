@@ -16,7 +16,7 @@ from detpipe.errors import DetpipeError
 from detpipe.files import write_json
 from detpipe.models import build_model
 from detpipe.transforms import RandomHorizontalFlip, train_transforms
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_repo, write_tiny_params
 from tests.fixtures import make_image
 
 CPU = torch.device("cpu")
@@ -214,7 +214,6 @@ def test_encoded_jpegs_decode_in_the_loop_as_the_dataset_decodes_them(tiny_coco,
 
 def test_gpu_decode_without_cuda_is_a_one_line_error(tiny_coco, tmp_path, monkeypatch):
     from detpipe import config, train
-    from tests.conftest import write_tiny_params
 
     monkeypatch.chdir(tmp_path)
     cfg = config.load(write_tiny_params(tmp_path), ["train.gpu_decode=true"])
@@ -347,6 +346,26 @@ def test_decoding_on_cuda_drains_the_callers_stream_first(tiny_coco, monkeypatch
     calls.clear()
     datasets.decode_on_device([raw], [target], CPU)
     assert calls == ["decode 1 on cpu"]  # nothing to drain on the CPU
+
+
+@pytest.mark.slow
+def test_bench_default_stops_at_until_and_reports_each_seed_as_it_ends(tmp_path):
+    """benchmarks/bench_default.py on tiny params: the stages up to --until, then one more seed; a JSON line per
+    run as it ends (what a run cut short keeps), and the spread over the runs in the JSON file."""
+    project = copy_repo(tmp_path / "p")
+    write_tiny_params(project)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_default", "--seeds", "0", "1", "--until",
+                           "evaluate", "--json", str(tmp_path / "b.json")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert [s["stage"] for s in result["stages"]] == ["download", "convert", "train", "evaluate"]
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines == result["runs"]
+    values = [r["bbox_mAP_50"] for r in result["runs"]]
+    assert result["spread_mAP_50"] == round(max(values) - min(values), 4)
 
 
 @pytest.mark.slow
