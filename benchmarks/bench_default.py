@@ -76,7 +76,11 @@ def training(root: Path) -> dict:
     speed = [float(r["train/img_per_s"]) for r in log]
     curve = [round(float(r["val/bbox_mAP_50"]), 4) for r in log if r.get("val/bbox_mAP_50")]
     val_s = sum(float(r["val/seconds"]) for r in log if r.get("val/seconds"))
-    return {"bbox_mAP": metrics["bbox_mAP"], "bbox_mAP_50": metrics["bbox_mAP_50"],
+    with open(root / "runs/eval/per_class.csv", newline="") as f:
+        # "": the class has no ground truth in the val split
+        per_class = {r["class"]: round(float(r["bbox_AP_50"]), 4) if r["bbox_AP_50"] else None
+                     for r in csv.DictReader(f)}
+    return {"bbox_mAP": metrics["bbox_mAP"], "bbox_mAP_50": metrics["bbox_mAP_50"], "AP_50_per_class": per_class,
             "train_img_per_s": round(sum(speed) / len(speed), 1), "val_mAP_50_per_epoch": curve,
             "val_share": round(val_s / sum(float(r["train/seconds"]) for r in log), 4)}
 
@@ -136,6 +140,10 @@ def main() -> None:
         print(f"{r['seed']:>4} {r['kernels']:<8}{r['train_s']:>9}{r['train_img_per_s']:>7}"
               f"{100 * r['val_share']:>7.1f}{r['bbox_mAP']:>8.3f}"
               f"{r['bbox_mAP_50']:>8.3f}  {' '.join(f'{v:.3f}' for v in r['val_mAP_50_per_epoch'])}")
+    ranges = {name: [r["AP_50_per_class"][name] for r in runs if r["AP_50_per_class"][name] is not None]
+              for name in runs[0]["AP_50_per_class"]}
+    print("AP@0.5 per class over the runs: " + "; ".join(
+        f"{name} {min(v):.3f}-{max(v):.3f}" if v else f"{name} (no ground truth)" for name, v in ranges.items()))
     print(f"spread of bbox mAP@0.5 (max - min): {result['spread_mAP_50']:.3f}   CPU: {result['machine']['cpu']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

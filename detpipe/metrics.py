@@ -56,7 +56,7 @@ def write_json_bytes(path: Path, data) -> None:
     """One line of JSON by orjson (500k detections ~10x faster than the json module). orjson writes each float's
     shortest exact form, so the libraries read back the very same numbers (numpy values as the Python numbers
     they equal)."""
-    path.write_bytes(orjson.dumps(data, default=_plain) + b"\n")
+    path.write_bytes(orjson.dumps(data, default=_plain, option=orjson.OPT_APPEND_NEWLINE))  # no 40 MB copy for "\n"
 
 
 def _plain(value):

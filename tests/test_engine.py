@@ -366,6 +366,9 @@ def test_bench_default_stops_at_until_and_reports_each_seed_as_it_ends(tmp_path)
     assert lines == result["runs"]
     values = [r["bbox_mAP_50"] for r in result["runs"]]
     assert result["spread_mAP_50"] == round(max(values) - min(values), 4)
+    for run in result["runs"]:  # which class moves the mean: AP@0.5 of each of the dataset's classes
+        assert list(run["AP_50_per_class"]) == ["circle", "square", "triangle", "cross"]
+        assert all(v is None or 0 <= v <= 1 for v in run["AP_50_per_class"].values())
 
 
 @pytest.mark.slow
