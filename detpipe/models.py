@@ -162,7 +162,22 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
     if name == "retinanet":
         return det.RetinaNet(body, num_classes=num_classes, **post, **size)
     # torchvision's score_thresh 0.2 costs recall
-    return det.FCOS(body, num_classes=num_classes, **{"score_thresh": 0.05, **post}, **size)
+    return _live_box_regression(det.FCOS(body, num_classes=num_classes, **{"score_thresh": 0.05, **post}, **size))
+
+
+def _live_box_regression(fcos):
+    """Start FCOS's box regression with every output alive.
+
+    torchvision's regression head ends in a ReLU, with weights drawn from N(0, 0.01) and bias 0, so at
+    initialisation about half of the (location, side) outputs are negative: they are clamped to 0 and get no
+    gradient, and which half depends on the seed. Trained from scratch, that made the box loss of one seed
+    learn half as fast as another's (docs/performance.md). A bias of 1 (sides of one anchor size, 8 px on P3)
+    starts them all on the live side, as the classifier's bias starts at its prior. Loaded weights replace it.
+    """
+    from torch import nn
+
+    nn.init.constant_(fcos.head.regression_head.bbox_reg.bias, 1.0)
+    return fcos
 
 
 def _build_torchvision(name, num_classes, *, min_size, max_size, pretrained_backbone, post, weights):
@@ -173,6 +188,8 @@ def _build_torchvision(name, num_classes, *, min_size, max_size, pretrained_back
         kwargs.update(min_size=min_size, max_size=max_size)
     backbone_weights = _BACKBONE_WEIGHTS.get(name, "IMAGENET1K_V1") if pretrained_backbone else None
     model = get_model(name, weights=None, weights_backbone=backbone_weights, num_classes=num_classes, **kwargs)
+    if name.startswith("fcos"):
+        _live_box_regression(model)
     if weights:
         _pretrained_layout(model, name, weights)
     return model
