@@ -172,7 +172,8 @@ def _live_box_regression(fcos):
     initialisation about half of the (location, side) outputs are negative: they are clamped to 0 and get no
     gradient, and which half depends on the seed. Trained from scratch, that made the box loss of one seed
     learn half as fast as another's (docs/performance.md). A bias of 1 (sides of one anchor size, 8 px on P3)
-    starts them all on the live side, as the classifier's bias starts at its prior. Loaded weights replace it.
+    starts them on the live side (all of them with a 64-channel pyramid, over 99 % with the R50 head's 256), as
+    the classifier's bias starts at its prior. Loaded weights replace it.
     """
     from torch import nn
 
