@@ -83,6 +83,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
             raise
         raise DetpipeError(f"model.pretrained_backbone: cannot download the backbone's ImageNet weights ({exc}); "
                            "connect once, or set it to false") from None
+    if name.startswith("fcos"):  # detpipe's fcos and fcos_resnet50_fpn, before any weights are loaded
+        _live_box_regression(model)
     model.weights_not_loaded = []
     if weights and load:
         try:
@@ -162,7 +164,7 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
     if name == "retinanet":
         return det.RetinaNet(body, num_classes=num_classes, **post, **size)
     # torchvision's score_thresh 0.2 costs recall
-    return _live_box_regression(det.FCOS(body, num_classes=num_classes, **{"score_thresh": 0.05, **post}, **size))
+    return det.FCOS(body, num_classes=num_classes, **{"score_thresh": 0.05, **post}, **size)
 
 
 def _live_box_regression(fcos):
@@ -189,8 +191,6 @@ def _build_torchvision(name, num_classes, *, min_size, max_size, pretrained_back
         kwargs.update(min_size=min_size, max_size=max_size)
     backbone_weights = _BACKBONE_WEIGHTS.get(name, "IMAGENET1K_V1") if pretrained_backbone else None
     model = get_model(name, weights=None, weights_backbone=backbone_weights, num_classes=num_classes, **kwargs)
-    if name.startswith("fcos"):
-        _live_box_regression(model)
     if weights:
         _pretrained_layout(model, name, weights)
     return model
