@@ -83,7 +83,7 @@ def time_predict(n_images: int) -> float:
         dataset = CocoDetection(coco / "val.json", raw)
         m = cfg.model
         model = build_model(m.name, m.backbone, len(dataset.class_names) + 1, min_size=m.min_size,
-                            max_size=m.max_size, fpn_channels=m.fpn_channels)
+                            max_size=m.max_size, fpn_channels=m.fpn_channels, pyramid_levels=m.pyramid_levels)
         engine.set_threads(cfg.threads)
         start = time.perf_counter()
         with torch.inference_mode():

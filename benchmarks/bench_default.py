@@ -4,9 +4,10 @@
 
 Runs the five stage scripts in order on the current params inside a scratch copy of the project (so the
 workspace and its MLflow store are untouched), then train + evaluate again for each further seed and, with
-``--avx2``, for the first seed on AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-MKL_ENABLE_INSTRUCTIONS=AVX2``: what another CPU model would run). ``--snakemake`` also times the user's
-command, ``snakemake --cores 1 report``, from scratch in a second copy. Prints tables and writes JSON.
+``--avx2``, for the first seed (or the seeds it names) on AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``: what another CPU model would run). ``--snakemake``
+also times the user's command, ``snakemake --cores 1 report``, from scratch in a second copy. Prints tables
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,7 +100,8 @@ def run_variant(root: Path, seed: int, kernels: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to train (the first also runs the stages)")
-    p.add_argument("--avx2", action="store_true", help="also train the first seed on AVX2 kernels")
+    p.add_argument("--avx2", type=int, nargs="*", metavar="SEED",
+                   help="also train on AVX2 kernels: these seeds (none named: the first of --seeds)")
     p.add_argument("--snakemake", action="store_true", help="also time `snakemake --cores 1 report` from scratch")
     p.add_argument("--until", choices=list(STAGES)[3:], default="report",
                    help="the last stage of the first run (evaluate: skip the report)")
@@ -118,7 +121,8 @@ def main() -> None:
         runs = [{"seed": args.seeds[0], "kernels": "native", "train_s": stages[2]["wall_s"],
                  "evaluate_s": stages[3]["wall_s"], **training(root)}]
         print(json.dumps(runs[-1]), flush=True)  # each run as it ends: a run cut short keeps the ones before
-        variants = [(seed, "native") for seed in args.seeds[1:]] + ([(args.seeds[0], "avx2")] if args.avx2 else [])
+        avx2 = [] if args.avx2 is None else args.avx2 or args.seeds[:1]
+        variants = [(seed, "native") for seed in args.seeds[1:]] + [(seed, "avx2") for seed in avx2]
         for seed, kernels in variants:
             runs.append(run_variant(root, seed, kernels))
             print(json.dumps(runs[-1]), flush=True)
@@ -127,7 +131,8 @@ def main() -> None:
             result["snakemake_report_s"] = timed(["snakemake", "--cores", "1", "report"], snake_root, env)["wall_s"]
     values = [r["bbox_mAP_50"] for r in runs]
     result.update(stages=stages, total_wall_s=round(sum(r["wall_s"] for r in stages), 1), runs=runs,
-                  spread_mAP_50=round(max(values) - min(values), 4))
+                  spread_mAP_50=round(max(values) - min(values), 4), mean_mAP_50=round(statistics.mean(values), 4),
+                  stdev_mAP_50=round(statistics.stdev(values), 4) if len(values) > 1 else None)
     print(f"{'stage':<10}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")
     for r in stages:
         print(f"{r['stage']:<10}{r['wall_s']:>8}{r['cpu_s']:>8}{r['peak_rss_mb']:>13}")
@@ -144,7 +149,9 @@ def main() -> None:
               for name in runs[0]["AP_50_per_class"]}
     print("AP@0.5 per class over the runs: " + "; ".join(
         f"{name} {min(v):.3f}-{max(v):.3f}" if v else f"{name} (no ground truth)" for name, v in ranges.items()))
-    print(f"spread of bbox mAP@0.5 (max - min): {result['spread_mAP_50']:.3f}   CPU: {result['machine']['cpu']}")
+    sd = "" if result["stdev_mAP_50"] is None else f", standard deviation {result['stdev_mAP_50']:.3f}"
+    print(f"bbox mAP@0.5 over the {len(runs)} runs: spread (max - min) {result['spread_mAP_50']:.3f}, mean "
+          f"{result['mean_mAP_50']:.3f}{sd}   CPU: {result['machine']['cpu']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -48,7 +48,7 @@ from detpipe.visualize import draw
 
 MODEL_KEYS = ("name", "backbone", "min_size", "max_size", "fpn_channels")
 # Passed on to build_model when a config's model section has them (post-processing and weights params)
-OPTIONAL_MODEL_KEYS = ("score_thresh", "nms_thresh", "detections_per_img", "weights")
+OPTIONAL_MODEL_KEYS = ("score_thresh", "nms_thresh", "detections_per_img", "weights", "pyramid_levels")
 
 
 class DetResult(list):
@@ -220,7 +220,7 @@ def build_detector(cfg: config_mod.Config, num_classes: int):
     return build_model(m.name, m.backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
                        fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
                        score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
-                       detections_per_img=m.detections_per_img, weights=m.weights)
+                       detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels)
 
 
 def train_detector(cfg: config_mod.Config, data_dir="data/coco", image_root="data/raw", out="runs/train") -> list[dict]:

@@ -74,6 +74,8 @@ SCHEMA: dict[str, Any] = {
         "name": Key(ARCHITECTURES, "detector: a small architecture, or a torchvision builder name"),
         "backbone": Key(BACKBONES, "backbone network (with an FPN) of the small architectures; builders ignore it"),
         "fpn_channels": Key(int, "feature-pyramid width; 256 is torchvision's, smaller is much faster on a CPU", ge=1),
+        "pyramid_levels": Key(int, "small retinanet and fcos: the head predicts from this many of the finest pyramid "
+                                   "levels, P3 first; 5 (P3-P7) is torchvision's, 1 is P3 alone", 5, ge=1, le=5),
         "pretrained_backbone": Key(bool, "start from torchvision's ImageNet backbone weights (downloads once)"),
         "min_size": Key(int, "images are resized so their short side is this many pixels", ge=16),
         "max_size": Key(int, "...and their long side at most this many", ge=16),

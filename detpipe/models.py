@@ -13,10 +13,13 @@ class-specific head layers, for another number of classes) keep their fresh init
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import sys
+from collections import OrderedDict
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 from detpipe.errors import DetpipeError, listing
@@ -30,6 +33,8 @@ ARCHITECTURES = SMALL + BUILDERS
 BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 MASK_MODELS = ("maskrcnn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 ARCH_DEFAULT = -1  # score_thresh, nms_thresh, detections_per_img: keep the architecture's own default
+ONE_STAGE = ("retinanet", "fcos")  # the small ones with a P3-P7 pyramid, of which pyramid_levels keeps the finest
+LEVELS = 5
 
 # What torchvision's builders do differently when they load weights (their ``is_trained`` branch): these six put
 # FrozenBatchNorm2d in the backbone; every builder but ssdlite also freezes the backbone's first stages.
@@ -48,7 +53,7 @@ def has_masks(name: str) -> bool:
 def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, max_size: int,
                 fpn_channels: int = 256, pretrained_backbone: bool = False, score_thresh: float = ARCH_DEFAULT,
                 nms_thresh: float = ARCH_DEFAULT, detections_per_img: int = ARCH_DEFAULT, weights: str = "",
-                load: bool = True):
+                load: bool = True, pyramid_levels: int = LEVELS):
     """A detector with ``num_classes`` outputs (background included) that resizes images to min/max_size.
 
     ``score_thresh``, ``nms_thresh`` and ``detections_per_img`` set its post-processing; -1 keeps the
@@ -58,6 +63,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     pretrained weights (frozen BatchNorm and first stages, see docs/models.md), also with ``load=False``, which
     builds that layout without reading ``weights`` (to load a checkpoint trained from them). ``pretrained_backbone``
     loads torchvision's ImageNet backbone weights (downloaded once); builder names ignore it when given ``weights``.
+    ``pyramid_levels``: the small ``retinanet`` and ``fcos`` predict from that many of the finest pyramid levels,
+    P3 first (5 is torchvision's P3-P7); the other models ignore it, as builder names ignore ``fpn_channels``.
 
     The small models without pretrained weights use trainable BatchNorm: torchvision's default FrozenBatchNorm
     keeps ImageNet statistics and never learns from scratch. SSD models resize to a square: the small ``ssdlite``
@@ -66,6 +73,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     if name not in ARCHITECTURES:
         raise DetpipeError(f"model.name: unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     post = _postprocess(name, score_thresh, nms_thresh, detections_per_img)
+    if not 1 <= pyramid_levels <= LEVELS:
+        raise DetpipeError(f"model.pyramid_levels must be from 1 (P3 alone) to {LEVELS} (P3-P7), got {pyramid_levels}")
     if weights and not _is_path(weights):  # a misspelt name fails before anything is built
         try:
             _weights_member(name, weights)
@@ -77,7 +86,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
                                        pretrained_backbone=pretrained_backbone and not weights, weights=weights)
         else:
             model = _build_small(name, backbone, num_classes, min_size=min_size, max_size=max_size, post=post,
-                                 fpn_channels=fpn_channels, pretrained_backbone=pretrained_backbone)
+                                 fpn_channels=fpn_channels, pretrained_backbone=pretrained_backbone,
+                                 levels=pyramid_levels if name in ONE_STAGE else LEVELS)
     except OSError as exc:  # no internet for the ImageNet backbone weights
         if not pretrained_backbone:
             raise
@@ -107,7 +117,8 @@ def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_p
     return {prefix + k: v for k, v in values.items() if v != ARCH_DEFAULT}
 
 
-def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channels, pretrained_backbone, post):
+def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channels, pretrained_backbone, post,
+                 levels=LEVELS):
     from torch import nn
     from torchvision.models import detection as det
     from torchvision.models import resnet
@@ -129,7 +140,7 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
                                                   **post)
         model.transform.fixed_size = (min_size, min_size)  # SSD resizes to a square, 320 px by default
         return model
-    one_stage = name in ("retinanet", "fcos")
+    one_stage = name in ONE_STAGE
     if name == "fcos" and (fpn_channels < 64 or fpn_channels % 32):
         # its head normalises with GroupNorm(32 groups); one channel per group fails on a 1x1 level
         raise DetpipeError(f"model.fpn_channels: fcos needs a multiple of 32 of at least 64, got {fpn_channels}")
@@ -146,10 +157,13 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
                 p.requires_grad_(pname.startswith(("layer2", "layer3", "layer4")))
         layers = [2, 3, 4] if one_stage else [1, 2, 3, 4]
         base = 256 if backbone == "resnet50" else 64  # channels out of layer1; each later stage doubles them
-        body = BackboneWithFPN(
+        body = (_finest_levels_class() if levels < LEVELS else BackboneWithFPN)(
             body, {f"layer{k}": str(i) for i, k in enumerate(layers)},
             [base * 2 ** (k - 1) for k in layers], fpn_channels,
-            extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels) if one_stage else None)
+            extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels) if one_stage and levels > 3 else None)
+        if levels < LEVELS:
+            _keep_finest_levels(body, levels)
+            size["anchor_generator"] = _finest_anchors(name, levels)
     elif one_stage:
         raise DetpipeError(f"model.backbone: {name} needs a resnet backbone, not {backbone}")
     else:
@@ -165,6 +179,51 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
         return det.RetinaNet(body, num_classes=num_classes, **post, **size)
     # torchvision's score_thresh 0.2 costs recall
     return det.FCOS(body, num_classes=num_classes, **{"score_thresh": 0.05, **post}, **size)
+
+
+def _keep_finest_levels(body, levels: int) -> None:
+    """Make the one-stage pyramid ``body`` (a FinestLevels of P3-P7) return its ``levels`` finest maps only.
+
+    The top-down pathway still runs from C5, so P3 keeps the context of the coarser stages; the convolutions that
+    only made the dropped maps (P4/P5's output convs, P7's) become identities, so every parameter gets a
+    gradient (DDP needs that) and no time is spent on them. The state_dict keeps BackboneWithFPN's names.
+    """
+    from torch import nn
+
+    for i in range(levels, 3):  # FPN outputs of C3, C4, C5: P3, P4, P5
+        body.fpn.layer_blocks[i] = nn.Identity()
+    if levels == 4:  # P6 is kept, P7 is not
+        body.fpn.extra_blocks.p7 = nn.Identity()
+    body.levels = levels
+
+
+@functools.cache
+def _finest_levels_class():
+    # Defined here, not at module level, on purpose: MLflow's cloudpickle then stores the class by value, so a
+    # logged model loads where detpipe is not installed (tests/test_tracking.py).
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    class FinestLevels(BackboneWithFPN):
+        """A BackboneWithFPN whose output stops after its ``levels`` finest feature maps."""
+
+        levels = LEVELS
+
+        def forward(self, x):
+            return OrderedDict(islice(super().forward(x).items(), self.levels))
+
+    return FinestLevels
+
+
+def _finest_anchors(name: str, levels: int):
+    """torchvision's anchors of ``name`` (RetinaNet's three sizes and three ratios per level from 32 px, FCOS's one
+    point per location sized from 8 px) for the ``levels`` finest levels."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import _default_anchorgen
+
+    if name == "retinanet":
+        full = _default_anchorgen()
+        return AnchorGenerator(full.sizes[:levels], full.aspect_ratios[:levels])
+    return AnchorGenerator(tuple((8 * 2 ** i,) for i in range(levels)), ((1.0,),) * levels)  # FCOS.__init__'s
 
 
 def _live_box_regression(fcos):
@@ -361,7 +420,8 @@ def load_checkpoint(path, device="cpu"):
         imagenet = m["name"] == "ssdlite320_mobilenet_v3_large" and m.get("pretrained_backbone", False)
         model = build_model(m["name"], m["backbone"], len(meta["classes"]) + 1, min_size=m["min_size"],
                             max_size=m["max_size"], fpn_channels=m["fpn_channels"], pretrained_backbone=imagenet,
-                            **post, weights=m.get("weights", ""), load=False)  # the layout: the weights are in ckpt
+                            **post, weights=m.get("weights", ""), load=False,  # the layout: the weights are in ckpt
+                            pyramid_levels=m.get("pyramid_levels", LEVELS))  # saved before the key: P3-P7
         model.load_state_dict(ckpt["model"])
     except DetpipeError as exc:
         raise DetpipeError(f"{path}: {exc}") from None

@@ -205,7 +205,7 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
     model = build_model(m.name, m.backbone, len(train_set.cat_ids) + 1, min_size=m.min_size,
                         max_size=m.max_size, fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
                         score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
-                        detections_per_img=m.detections_per_img, weights=m.weights)
+                        detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels)
     # Weights only, from model.weights (at build time) or train.load_from: layers that do not fit start fresh.
     reinitialised = list(model.weights_not_loaded)
     if t.load_from:

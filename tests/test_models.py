@@ -51,7 +51,8 @@ BEFORE = [
 @pytest.mark.parametrize("name, backbone, fpn, expected, post", BEFORE)
 def test_small_models_are_built_as_before_with_the_default_params(name, backbone, fpn, expected, post):
     defaults = {k: spec.default for k, spec in config.SCHEMA["model"].items() if spec.default is not config.REQUIRED}
-    assert defaults == {"weights": "", "score_thresh": -1.0, "nms_thresh": -1.0, "detections_per_img": -1}
+    assert defaults == {"weights": "", "score_thresh": -1.0, "nms_thresh": -1.0, "detections_per_img": -1,
+                        "pyramid_levels": 5}
     torch.manual_seed(0)
     model = build_model(name, backbone, 5, min_size=128, max_size=128, fpn_channels=fpn, **defaults)
     if name == "fcos":  # changed on purpose since: the box regression's bias starts at 1 (_live_box_regression)
@@ -87,6 +88,58 @@ def test_fcos_box_regression_starts_with_every_output_alive(name, backbone, seed
 def test_fcos_rejects_too_narrow_pyramid():
     with pytest.raises(DetpipeError, match="model.fpn_channels: fcos needs a multiple of 32 of at least 64"):
         build_model("fcos", "resnet18", 5, min_size=64, max_size=64, fpn_channels=32)
+
+
+@pytest.mark.parametrize("name", ["fcos", "retinanet"])
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+def test_one_stage_heads_predict_from_the_finest_levels(name, levels):
+    """pyramid_levels keeps the head on P3..P(2+levels): the backbone returns those maps only, the anchors are
+    torchvision's for those levels, every parameter is trained (no dead convolution for DDP to trip on), and the
+    state_dict is the full pyramid's less the convolutions of the dropped maps."""
+    torch.manual_seed(0)
+    model = build_model(name, "resnet10", 3, min_size=128, max_size=128, fpn_channels=64, pyramid_levels=levels)
+    full = build_model(name, "resnet10", 3, min_size=128, max_size=128, fpn_channels=64)
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0], [10.0, 20.0, 120.0, 110.0]]),
+                "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
+    features = model.backbone(model.transform(images)[0].tensors)
+    assert [f.shape[-1] for f in features.values()] == [16, 8, 4, 2, 1][:levels]  # strides 8, 16, 32, 64, 128
+    per_location = model.anchor_generator.num_anchors_per_location()
+    assert per_location == [1 if name == "fcos" else 9] * levels
+    assert model.anchor_generator.sizes == full.anchor_generator.sizes[:levels]
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    dropped = set(full.state_dict()) - set(model.state_dict())
+    assert set(model.state_dict()) < set(full.state_dict())
+    assert all(k.startswith(("backbone.fpn.layer_blocks.", "backbone.fpn.extra_blocks.")) for k in dropped)
+    with torch.no_grad():
+        out = model.eval()(images[:1])
+    assert set(out[0]) >= {"boxes", "scores", "labels"}
+
+
+@pytest.mark.parametrize("name, levels, message", [
+    ("fcos", 0, "model.pyramid_levels must be from 1 (P3 alone) to 5 (P3-P7), got 0"),
+    ("retinanet", 6, "model.pyramid_levels must be from 1"),
+])
+def test_pyramid_levels_out_of_range_are_refused(name, levels, message):
+    with pytest.raises(DetpipeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
+        build_model(name, "resnet18", 3, min_size=64, max_size=64, fpn_channels=64, pyramid_levels=levels)
+    one_line(exc)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "fcos_resnet50_fpn"])
+def test_other_models_ignore_pyramid_levels(name):
+    """As builder names ignore fpn_channels: switching model.name away from the default's fcos (which sets
+    pyramid_levels 1) builds the model as it always was."""
+    built = []
+    for levels in (1, 5):
+        torch.manual_seed(0)
+        built.append(digest(build_model(name, "resnet10", 3, min_size=64, max_size=64, fpn_channels=64,
+                                        pyramid_levels=levels)))
+    assert built[0] == built[1]
 
 
 @pytest.mark.parametrize("name, backbone", [("fasterrcnn", "resnet18"), ("retinanet", "resnet18"),
@@ -385,3 +438,20 @@ def test_ssdlite_builder_with_an_imagenet_backbone_reloads(monkeypatch, tmp_path
                tmp_path / "model.pt")
     loaded, _ = load_checkpoint(tmp_path / "model.pt")
     assert digest(loaded) == digest(model)
+
+
+def test_checkpoints_rebuild_their_pyramid_levels(tmp_path):
+    """meta.model.pyramid_levels rebuilds the head's levels; a checkpoint saved before the key existed is P3-P7."""
+    params = {"name": "fcos", "backbone": "resnet10", "fpn_channels": 64, "pretrained_backbone": False,
+              "min_size": 64, "max_size": 64}
+    images = [torch.rand(3, 64, 64)]
+    for levels, meta_model in ((1, {**params, "pyramid_levels": 1}), (5, params)):
+        torch.manual_seed(0)
+        model = build_model("fcos", "resnet10", 3, min_size=64, max_size=64, fpn_channels=64,
+                            pyramid_levels=levels).eval()
+        torch.save({"model": model.state_dict(), "meta": {"model": meta_model, "classes": ["a", "b"],
+                                                          "cat_ids": [1, 2]}}, tmp_path / "model.pt")
+        loaded, _ = load_checkpoint(tmp_path / "model.pt")
+        assert len(loaded.anchor_generator.sizes) == levels and digest(loaded) == digest(model)
+        with torch.no_grad():
+            assert torch.equal(loaded(images)[0]["scores"], model(images)[0]["scores"])
