@@ -6,8 +6,9 @@ Runs the five stage scripts in order on the current params inside a scratch copy
 workspace and its MLflow store are untouched), then train + evaluate again for each further seed and, with
 ``--avx2``, for the first seed (or the seeds it names) on AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``: what another CPU model would run). ``--snakemake``
-also times the user's command, ``snakemake --cores 1 report``, from scratch in a second copy. Prints tables
-and writes JSON.
+also times the user's command, ``snakemake --cores 1 report``, from scratch in a second copy. ``--set KEY=VALUE``
+tries a param variant without editing the params file (every stage of every run gets it). Prints tables and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -87,12 +88,17 @@ def training(root: Path) -> dict:
             "val_share": round(val_s / sum(float(r["train/seconds"]) for r in log), 4)}
 
 
-def run_variant(root: Path, seed: int, kernels: str) -> dict:
+def stage_cmd(name: str, seed: int, overrides: list[str]) -> list[str]:
+    """The stage's command as dvc.yaml runs it, with ``seed`` and the ``--set`` overrides."""
+    return [*STAGES[name].cmd.split(), *(a for kv in [f"seed={seed}", *overrides] for a in ("--set", kv))]
+
+
+def run_variant(root: Path, seed: int, kernels: str, overrides: list[str]) -> dict:
     """Train and evaluate again with ``seed`` on ``kernels`` (native or avx2); download and convert are shared."""
     env = tool_env(AVX2 if kernels == "avx2" else None)
     row = {"seed": seed, "kernels": kernels}
     for name in ("train", "evaluate"):
-        cmd = [*STAGES[name].cmd.split(), "--set", f"seed={seed}"]
+        cmd = stage_cmd(name, seed, overrides)
         row[f"{name}_s"] = timed(cmd, root, env)["wall_s"]
     return {**row, **training(root)}
 
@@ -103,19 +109,22 @@ def main() -> None:
     p.add_argument("--avx2", type=int, nargs="*", metavar="SEED",
                    help="also train on AVX2 kernels: these seeds (none named: the first of --seeds)")
     p.add_argument("--snakemake", action="store_true", help="also time `snakemake --cores 1 report` from scratch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a param override for every stage of every run, as the stages take it (repeatable)")
     p.add_argument("--until", choices=list(STAGES)[3:], default="report",
                    help="the last stage of the first run (evaluate: skip the report)")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
+    if args.overrides and args.snakemake:
+        p.error("--snakemake times the params file as it is, without --set: run them separately")
     src = Path.cwd()
-    result = {"machine": machine(), "params": (src / "params/detpipe.yaml").read_text()}
+    result = {"machine": machine(), "params": (src / "params/detpipe.yaml").read_text(), "overrides": args.overrides}
     with tempfile.TemporaryDirectory() as tmp:
         root = scratch_copy(src, Path(tmp) / "stages")
         env = tool_env()
         stages = []
-        for name, stage in STAGES.items():
-            cmd = [*stage.cmd.split(), "--set", f"seed={args.seeds[0]}"]
-            stages.append({"stage": name, **timed(cmd, root, env)})
+        for name in STAGES:
+            stages.append({"stage": name, **timed(stage_cmd(name, args.seeds[0], args.overrides), root, env)})
             if name == args.until:
                 break
         runs = [{"seed": args.seeds[0], "kernels": "native", "train_s": stages[2]["wall_s"],
@@ -124,7 +133,7 @@ def main() -> None:
         avx2 = [] if args.avx2 is None else args.avx2 or args.seeds[:1]
         variants = [(seed, "native") for seed in args.seeds[1:]] + [(seed, "avx2") for seed in avx2]
         for seed, kernels in variants:
-            runs.append(run_variant(root, seed, kernels))
+            runs.append(run_variant(root, seed, kernels, args.overrides))
             print(json.dumps(runs[-1]), flush=True)
         if args.snakemake:
             snake_root = scratch_copy(src, Path(tmp) / "snakemake")

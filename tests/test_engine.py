@@ -352,18 +352,20 @@ def test_decoding_on_cuda_drains_the_callers_stream_first(tiny_coco, monkeypatch
 @pytest.mark.slow
 def test_bench_default_stops_at_until_and_reports_each_seed_as_it_ends(tmp_path):
     """benchmarks/bench_default.py on tiny params: the stages up to --until, then one more seed, then the seed
-    --avx2 names on AVX2 kernels; a JSON line per run as it ends (what a run cut short keeps), and the spread,
-    mean and standard deviation over the runs in the JSON file."""
+    --avx2 names on AVX2 kernels, all with the --set override; a JSON line per run as it ends (what a run cut
+    short keeps), and the spread, mean and standard deviation over the runs in the JSON file."""
     project = copy_repo(tmp_path / "p")
     write_tiny_params(project)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_default", "--seeds", "0", "1", "--until",
-                           "evaluate", "--avx2", "1", "--json", str(tmp_path / "b.json")], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=900)
+                           "evaluate", "--avx2", "1", "--set", "train.epochs=2", "--json", str(tmp_path / "b.json")],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "b.json").read_text())
     assert [s["stage"] for s in result["stages"]] == ["download", "convert", "train", "evaluate"]
     assert [(r["seed"], r["kernels"]) for r in result["runs"]] == [(0, "native"), (1, "native"), (1, "avx2")]
+    assert result["overrides"] == ["train.epochs=2"]
+    assert all(len(r["val_mAP_50_per_epoch"]) == 2 for r in result["runs"])  # tiny params: 1 epoch, validated each
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines == result["runs"]
     values = [r["bbox_mAP_50"] for r in result["runs"]]
@@ -374,6 +376,15 @@ def test_bench_default_stops_at_until_and_reports_each_seed_as_it_ends(tmp_path)
     for run in result["runs"]:  # which class moves the mean: AP@0.5 of each of the dataset's classes
         assert list(run["AP_50_per_class"]) == ["circle", "square", "triangle", "cross"]
         assert all(v is None or 0 <= v <= 1 for v in run["AP_50_per_class"].values())
+
+
+def test_bench_default_refuses_to_time_snakemake_with_overrides(tmp_path):
+    """Snakemake runs the params file as it is: timing it beside runs with --set would mix two params."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_default", "--set", "train.epochs=2",
+                           "--snakemake"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and not list(tmp_path.iterdir())
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "--snakemake times the params file as it is, without --set: run them separately")
 
 
 @pytest.mark.slow
