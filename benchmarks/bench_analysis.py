@@ -73,7 +73,7 @@ def time_predict(n_images: int) -> float:
     from detpipe import engine, synthetic
     from detpipe.conversion import convert_dataset
     from detpipe.datasets import CocoDetection
-    from detpipe.models import build_model
+    from detpipe.models import build_from_params
 
     cfg = config.load()
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,9 +81,7 @@ def time_predict(n_images: int) -> float:
         synthetic.generate(raw, num_train=0, num_val=n_images, image_size=128, max_objects=4, seed=0)
         convert_dataset("via", raw, coco, list(synthetic.CLASSES), splits={"val": "val"})
         dataset = CocoDetection(coco / "val.json", raw)
-        m = cfg.model
-        model = build_model(m.name, m.backbone, len(dataset.class_names) + 1, min_size=m.min_size,
-                            max_size=m.max_size, fpn_channels=m.fpn_channels, pyramid_levels=m.pyramid_levels)
+        model = build_from_params(cfg.model, len(dataset.class_names))
         engine.set_threads(cfg.threads)
         start = time.perf_counter()
         with torch.inference_mode():

@@ -42,7 +42,7 @@ from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_path
 from detpipe.images import read_rgb
-from detpipe.models import build_model, has_masks, load_checkpoint
+from detpipe.models import build_from_params, build_model, has_masks, load_checkpoint
 from detpipe.transforms import train_transforms
 from detpipe.visualize import draw
 
@@ -216,11 +216,7 @@ def build_dataset(cfg: config_mod.Config, split: str = "train", data_dir="data/c
 
 def build_detector(cfg: config_mod.Config, num_classes: int):
     """The model of ``cfg`` for ``num_classes`` object classes (the background class is added here)."""
-    m = cfg.model
-    return build_model(m.name, m.backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
-                       fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
-                       score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
-                       detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels)
+    return build_from_params(cfg.model, num_classes)
 
 
 def train_detector(cfg: config_mod.Config, data_dir="data/coco", image_root="data/raw", out="runs/train") -> list[dict]:

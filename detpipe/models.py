@@ -104,6 +104,15 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     return model
 
 
+def build_from_params(m, num_classes: int):
+    """The detector of a params ``model`` section (``cfg.model``) for ``num_classes`` object classes (the
+    background class is added here): what the train stage trains and the tutorial's ``build_detector`` returns."""
+    return build_model(m.name, m.backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
+                       fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
+                       score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
+                       detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels)
+
+
 def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_per_img: int) -> dict:
     """The constructor's keyword arguments for the values that are not -1 (R-CNN models spell them ``box_*``)."""
     for key, value in (("score_thresh", score_thresh), ("nms_thresh", nms_thresh)):

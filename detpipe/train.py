@@ -32,7 +32,7 @@ from detpipe.datasets import CocoDetection
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_dir, atomic_torch_save, read_json_keys, tree_hash, write_json, write_text
 from detpipe.metrics import named_stats
-from detpipe.models import SMALL, build_model, has_masks, load_checkpoint, load_weights
+from detpipe.models import SMALL, build_from_params, has_masks, load_checkpoint, load_weights
 from detpipe.transforms import train_transforms
 
 CHECKPOINTS = Path(".detpipe/checkpoints")
@@ -202,10 +202,7 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
                            "set it to false")
     engine.set_threads(cfg.threads)
     engine.seed_everything(cfg.seed)
-    model = build_model(m.name, m.backbone, len(train_set.cat_ids) + 1, min_size=m.min_size,
-                        max_size=m.max_size, fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
-                        score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
-                        detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels)
+    model = build_from_params(m, len(train_set.cat_ids))
     # Weights only, from model.weights (at build time) or train.load_from: layers that do not fit start fresh.
     reinitialised = list(model.weights_not_loaded)
     if t.load_from:
