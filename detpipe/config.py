@@ -27,6 +27,16 @@ ARCHITECTURES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos", "ssdlite",  # sm
                  "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
                  "ssdlite320_mobilenet_v3_large")  # torchvision's builders, by name (docs/models.md)
 BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+ONE_STAGE = ("retinanet", "fcos")  # the small ones that model.pyramid_levels and model.backbone_stages apply to
+
+
+def check_pyramid(name: str, levels: int, stages: int) -> None:
+    """A one-line error when ``stages`` backbone stages cannot make ``levels`` pyramid levels for ``name``: checked
+    up front, before a stage opens a run; ``models.build_model`` refuses the same (tests/test_models.py)."""
+    if name in ONE_STAGE and stages < 4 and levels > stages - 1:
+        built = "P3 only, 1 level" if stages == 2 else f"P3-P{stages + 1}, at most {stages - 1} levels"
+        raise DetpipeError(f"model.pyramid_levels {levels} needs model.backbone_stages 4: backbone_stages {stages} "
+                           f"builds {built}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,8 @@ SCHEMA: dict[str, Any] = {
         "fpn_channels": Key(int, "feature-pyramid width; 256 is torchvision's, smaller is much faster on a CPU", ge=1),
         "pyramid_levels": Key(int, "small retinanet and fcos: the head predicts from this many of the finest pyramid "
                                    "levels, P3 first; 5 (P3-P7) is torchvision's, 1 is P3 alone", 5, ge=1, le=5),
+        "backbone_stages": Key(int, "small retinanet and fcos: ResNet stages built, the pyramid's top-down pathway "
+                                    "starting from the last (4: C5, torchvision's; 3: C4)", 4, ge=2, le=4),
         "pretrained_backbone": Key(bool, "start from torchvision's ImageNet backbone weights (downloads once)"),
         "min_size": Key(int, "images are resized so their short side is this many pixels", ge=16),
         "max_size": Key(int, "...and their long side at most this many", ge=16),
@@ -320,6 +332,10 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
             and 0 < scales[0] <= scales[1]):
         raise DetpipeError(f"{path}: train.scale_range must be [low, high] with 0 < low <= high, got {scales!r}")
     data["train"]["scale_range"] = [float(v) for v in scales]
+    try:
+        check_pyramid(data["model"]["name"], data["model"]["pyramid_levels"], data["model"]["backbone_stages"])
+    except DetpipeError as exc:
+        raise DetpipeError(f"{path}: {exc}") from None
     if data["model"]["max_size"] < data["model"]["min_size"]:
         raise DetpipeError(f"{path}: model.max_size ({data['model']['max_size']}) is less than model.min_size "
                            f"({data['model']['min_size']})")

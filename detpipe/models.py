@@ -35,6 +35,7 @@ MASK_MODELS = ("maskrcnn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 ARCH_DEFAULT = -1  # score_thresh, nms_thresh, detections_per_img: keep the architecture's own default
 ONE_STAGE = ("retinanet", "fcos")  # the small ones with a P3-P7 pyramid, of which pyramid_levels keeps the finest
 LEVELS = 5
+STAGES = 4  # ResNet stages (C2-C5) built; backbone_stages builds fewer for the one-stage models' pyramid
 
 # What torchvision's builders do differently when they load weights (their ``is_trained`` branch): these six put
 # FrozenBatchNorm2d in the backbone; every builder but ssdlite also freezes the backbone's first stages.
@@ -53,7 +54,7 @@ def has_masks(name: str) -> bool:
 def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, max_size: int,
                 fpn_channels: int = 256, pretrained_backbone: bool = False, score_thresh: float = ARCH_DEFAULT,
                 nms_thresh: float = ARCH_DEFAULT, detections_per_img: int = ARCH_DEFAULT, weights: str = "",
-                load: bool = True, pyramid_levels: int = LEVELS):
+                load: bool = True, pyramid_levels: int = LEVELS, backbone_stages: int = STAGES):
     """A detector with ``num_classes`` outputs (background included) that resizes images to min/max_size.
 
     ``score_thresh``, ``nms_thresh`` and ``detections_per_img`` set its post-processing; -1 keeps the
@@ -65,6 +66,9 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     loads torchvision's ImageNet backbone weights (downloaded once); builder names ignore it when given ``weights``.
     ``pyramid_levels``: the small ``retinanet`` and ``fcos`` predict from that many of the finest pyramid levels,
     P3 first (5 is torchvision's P3-P7); the other models ignore it, as builder names ignore ``fpn_channels``.
+    ``backbone_stages``: the small ``retinanet`` and ``fcos`` build their ResNet's first 2-4 stages only, and the
+    pyramid's top-down pathway starts from the last one built (4: C5, torchvision's; 3: C4; 2: C3); fewer stages
+    need ``pyramid_levels`` of at most ``backbone_stages - 1``. The other models ignore it.
 
     The small models without pretrained weights use trainable BatchNorm: torchvision's default FrozenBatchNorm
     keeps ImageNet statistics and never learns from scratch. SSD models resize to a square: the small ``ssdlite``
@@ -75,6 +79,14 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     post = _postprocess(name, score_thresh, nms_thresh, detections_per_img)
     if not 1 <= pyramid_levels <= LEVELS:
         raise DetpipeError(f"model.pyramid_levels must be from 1 (P3 alone) to {LEVELS} (P3-P7), got {pyramid_levels}")
+    if not 2 <= backbone_stages <= STAGES:
+        raise DetpipeError(f"model.backbone_stages must be from 2 (C2-C3) to {STAGES} (C2-C5), got {backbone_stages}")
+    one_stage = name in ONE_STAGE
+    if one_stage and backbone_stages < STAGES and pyramid_levels > backbone_stages - 1:  # as config.check_pyramid
+        built = "P3 only, 1 level" if backbone_stages == 2 else f"P3-P{backbone_stages + 1}, at most " \
+                                                                 f"{backbone_stages - 1} levels"
+        raise DetpipeError(f"model.pyramid_levels {pyramid_levels} needs model.backbone_stages {STAGES}: "
+                           f"backbone_stages {backbone_stages} builds {built}")
     if weights and not _is_path(weights):  # a misspelt name fails before anything is built
         try:
             _weights_member(name, weights)
@@ -87,7 +99,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
         else:
             model = _build_small(name, backbone, num_classes, min_size=min_size, max_size=max_size, post=post,
                                  fpn_channels=fpn_channels, pretrained_backbone=pretrained_backbone,
-                                 levels=pyramid_levels if name in ONE_STAGE else LEVELS)
+                                 levels=pyramid_levels if one_stage else LEVELS,
+                                 stages=backbone_stages if one_stage else STAGES)
     except OSError as exc:  # no internet for the ImageNet backbone weights
         if not pretrained_backbone:
             raise
@@ -110,7 +123,8 @@ def build_from_params(m, num_classes: int):
     return build_model(m.name, m.backbone, num_classes + 1, min_size=m.min_size, max_size=m.max_size,
                        fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
                        score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
-                       detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels)
+                       detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels,
+                       backbone_stages=m.backbone_stages)
 
 
 def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_per_img: int) -> dict:
@@ -127,7 +141,7 @@ def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_p
 
 
 def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channels, pretrained_backbone, post,
-                 levels=LEVELS):
+                 levels=LEVELS, stages=STAGES):
     from torch import nn
     from torchvision.models import detection as det
     from torchvision.models import resnet
@@ -164,7 +178,7 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
         if pretrained_backbone:  # fine-tune the top stages only, as torchvision's recipes do
             for pname, p in body.named_parameters():
                 p.requires_grad_(pname.startswith(("layer2", "layer3", "layer4")))
-        layers = [2, 3, 4] if one_stage else [1, 2, 3, 4]
+        layers = list(range(2, stages + 1)) if one_stage else [1, 2, 3, 4]  # IntermediateLayerGetter drops the rest
         base = 256 if backbone == "resnet50" else 64  # channels out of layer1; each later stage doubles them
         body = (_finest_levels_class() if levels < LEVELS else BackboneWithFPN)(
             body, {f"layer{k}": str(i) for i, k in enumerate(layers)},
@@ -193,13 +207,13 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
 def _keep_finest_levels(body, levels: int) -> None:
     """Make the one-stage pyramid ``body`` (a FinestLevels of P3-P7) return its ``levels`` finest maps only.
 
-    The top-down pathway still runs from C5, so P3 keeps the context of the coarser stages; the convolutions that
-    only made the dropped maps (P4/P5's output convs, P7's) become identities, so every parameter gets a
-    gradient (DDP needs that) and no time is spent on them. The state_dict keeps BackboneWithFPN's names.
+    The top-down pathway still runs from the last stage built, so P3 keeps the coarser stages' context; the
+    convolutions that only made the dropped maps (P4/P5's output convs, P7's) become identities, so every parameter
+    gets a gradient (DDP needs that) and no time is spent on them. The state_dict keeps BackboneWithFPN's names.
     """
     from torch import nn
 
-    for i in range(levels, 3):  # FPN outputs of C3, C4, C5: P3, P4, P5
+    for i in range(levels, len(body.fpn.layer_blocks)):  # FPN outputs of C3, C4, C5: P3, P4, P5
         body.fpn.layer_blocks[i] = nn.Identity()
     if levels == 4:  # P6 is kept, P7 is not
         body.fpn.extra_blocks.p7 = nn.Identity()
@@ -430,7 +444,8 @@ def load_checkpoint(path, device="cpu"):
         model = build_model(m["name"], m["backbone"], len(meta["classes"]) + 1, min_size=m["min_size"],
                             max_size=m["max_size"], fpn_channels=m["fpn_channels"], pretrained_backbone=imagenet,
                             **post, weights=m.get("weights", ""), load=False,  # the layout: the weights are in ckpt
-                            pyramid_levels=m.get("pyramid_levels", LEVELS))  # saved before the key: P3-P7
+                            pyramid_levels=m.get("pyramid_levels", LEVELS),  # saved before the key: P3-P7
+                            backbone_stages=m.get("backbone_stages", STAGES))
         model.load_state_dict(ckpt["model"])
     except DetpipeError as exc:
         raise DetpipeError(f"{path}: {exc}") from None

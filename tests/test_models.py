@@ -52,7 +52,7 @@ BEFORE = [
 def test_small_models_are_built_as_before_with_the_default_params(name, backbone, fpn, expected, post):
     defaults = {k: spec.default for k, spec in config.SCHEMA["model"].items() if spec.default is not config.REQUIRED}
     assert defaults == {"weights": "", "score_thresh": -1.0, "nms_thresh": -1.0, "detections_per_img": -1,
-                        "pyramid_levels": 5}
+                        "pyramid_levels": 5, "backbone_stages": 4}
     torch.manual_seed(0)
     model = build_model(name, backbone, 5, min_size=128, max_size=128, fpn_channels=fpn, **defaults)
     if name == "fcos":  # changed on purpose since: the box regression's bias starts at 1 (_live_box_regression)
@@ -120,25 +120,87 @@ def test_one_stage_heads_predict_from_the_finest_levels(name, levels):
     assert set(out[0]) >= {"boxes", "scores", "labels"}
 
 
-@pytest.mark.parametrize("name, levels, message", [
-    ("fcos", 0, "model.pyramid_levels must be from 1 (P3 alone) to 5 (P3-P7), got 0"),
-    ("retinanet", 6, "model.pyramid_levels must be from 1"),
+@pytest.mark.parametrize("name", ["fcos", "retinanet"])
+@pytest.mark.parametrize("stages, levels", [(3, 1), (3, 2), (2, 1)])
+def test_one_stage_models_build_fewer_backbone_stages(name, stages, levels):
+    """backbone_stages builds the ResNet's first stages only: the stages after the last are not in the model (no
+    parameter, no time), the top-down pathway starts from the last one built, the maps are the same sizes, every
+    parameter is trained, and the state_dict is the four-stage model's less the dropped stages and their FPN
+    convolutions."""
+    torch.manual_seed(0)
+    model = build_model(name, "resnet10", 3, min_size=128, max_size=128, fpn_channels=64, pyramid_levels=levels,
+                        backbone_stages=stages)
+    full = build_model(name, "resnet10", 3, min_size=128, max_size=128, fpn_channels=64, pyramid_levels=levels)
+    kept = [f"layer{k}" for k in range(1, stages + 1)]
+    assert [n for n, _ in model.backbone.body.named_children()] == ["conv1", "bn1", "relu", "maxpool", *kept]
+    assert len(model.backbone.fpn.inner_blocks) == stages - 1  # C3 .. C(stages + 1)
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0], [10.0, 20.0, 120.0, 110.0]]),
+                "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
+    features = model.backbone(model.transform(images)[0].tensors)
+    assert [f.shape[-1] for f in features.values()] == [16, 8][:levels]
+    assert model.anchor_generator.sizes == full.anchor_generator.sizes
+    sum(model(images, targets).values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    dropped = set(full.state_dict()) - set(model.state_dict())
+    assert set(model.state_dict()) < set(full.state_dict())
+    fpn_dropped = tuple(f"backbone.fpn.{b}.{i}." for b in ("inner_blocks", "layer_blocks")
+                        for i in range(stages - 1, 3))
+    body_dropped = tuple(f"backbone.body.layer{k}." for k in range(stages + 1, 5))
+    assert all(k.startswith(fpn_dropped + body_dropped) for k in dropped)
+    assert any(k.startswith(body_dropped) for k in dropped)
+    with torch.no_grad():
+        assert set(model.eval()(images[:1])[0]) >= {"boxes", "scores", "labels"}
+
+
+@pytest.mark.parametrize("name, levels, stages, message", [
+    ("fcos", 0, 4, "model.pyramid_levels must be from 1 (P3 alone) to 5 (P3-P7), got 0"),
+    ("retinanet", 6, 4, "model.pyramid_levels must be from 1"),
+    ("fcos", 1, 1, "model.backbone_stages must be from 2 (C2-C3) to 4 (C2-C5), got 1"),
+    ("retinanet", 1, 5, "model.backbone_stages must be from 2"),
+    ("fcos", 3, 3, "model.pyramid_levels 3 needs model.backbone_stages 4: backbone_stages 3 builds P3-P4, at most 2 "
+                   "levels"),
+    ("retinanet", 2, 2, "model.pyramid_levels 2 needs model.backbone_stages 4: backbone_stages 2 builds P3 only, 1 "
+                        "level"),
 ])
-def test_pyramid_levels_out_of_range_are_refused(name, levels, message):
+def test_pyramid_levels_and_backbone_stages_out_of_range_are_refused(name, levels, stages, message):
     with pytest.raises(DetpipeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
-        build_model(name, "resnet18", 3, min_size=64, max_size=64, fpn_channels=64, pyramid_levels=levels)
+        build_model(name, "resnet18", 3, min_size=64, max_size=64, fpn_channels=64, pyramid_levels=levels,
+                    backbone_stages=stages)
     one_line(exc)
 
 
+def _refusal(check, *args, **kwargs) -> str | None:
+    try:
+        check(*args, **kwargs)
+    except DetpipeError as exc:
+        return str(exc)
+    return None
+
+
+def test_params_and_builder_refuse_the_same_pyramids():
+    """config.check_pyramid (run when params are read, before a stage opens a run) and build_model refuse the same
+    combinations of model, pyramid_levels and backbone_stages, with the same message."""
+    for name in ("fcos", "retinanet", "fasterrcnn"):
+        for levels in range(1, 6):
+            for stages in range(2, 5):
+                from_params = _refusal(config.check_pyramid, name, levels, stages)
+                from_builder = _refusal(build_model, name, "resnet10", 3, min_size=64, max_size=64, fpn_channels=64,
+                                        pyramid_levels=levels, backbone_stages=stages)
+                assert from_params == from_builder, (name, levels, stages)
+                assert (from_params is None) == (name == "fasterrcnn" or stages == 4 or levels < stages), from_params
+
+
 @pytest.mark.parametrize("name", ["fasterrcnn", "fcos_resnet50_fpn"])
-def test_other_models_ignore_pyramid_levels(name):
+def test_other_models_ignore_pyramid_levels_and_backbone_stages(name):
     """As builder names ignore fpn_channels: switching model.name away from the default's fcos (which sets
-    pyramid_levels 1) builds the model as it always was."""
+    pyramid_levels 1 and backbone_stages 3) builds the model as it always was."""
     built = []
-    for levels in (1, 5):
+    for levels, stages in ((1, 3), (5, 4)):
         torch.manual_seed(0)
         built.append(digest(build_model(name, "resnet10", 3, min_size=64, max_size=64, fpn_channels=64,
-                                        pyramid_levels=levels)))
+                                        pyramid_levels=levels, backbone_stages=stages)))
     assert built[0] == built[1]
 
 
@@ -441,17 +503,21 @@ def test_ssdlite_builder_with_an_imagenet_backbone_reloads(monkeypatch, tmp_path
 
 
 def test_checkpoints_rebuild_their_pyramid_levels(tmp_path):
-    """meta.model.pyramid_levels rebuilds the head's levels; a checkpoint saved before the key existed is P3-P7."""
+    """meta.model.pyramid_levels and backbone_stages rebuild the head's levels and the backbone's stages; a
+    checkpoint saved before the keys existed is P3-P7 on four stages."""
     params = {"name": "fcos", "backbone": "resnet10", "fpn_channels": 64, "pretrained_backbone": False,
               "min_size": 64, "max_size": 64}
     images = [torch.rand(3, 64, 64)]
-    for levels, meta_model in ((1, {**params, "pyramid_levels": 1}), (5, params)):
+    for levels, stages, meta_model in ((1, 4, {**params, "pyramid_levels": 1}),
+                                       (1, 3, {**params, "pyramid_levels": 1, "backbone_stages": 3}),
+                                       (5, 4, params)):
         torch.manual_seed(0)
         model = build_model("fcos", "resnet10", 3, min_size=64, max_size=64, fpn_channels=64,
-                            pyramid_levels=levels).eval()
+                            pyramid_levels=levels, backbone_stages=stages).eval()
         torch.save({"model": model.state_dict(), "meta": {"model": meta_model, "classes": ["a", "b"],
                                                           "cat_ids": [1, 2]}}, tmp_path / "model.pt")
         loaded, _ = load_checkpoint(tmp_path / "model.pt")
         assert len(loaded.anchor_generator.sizes) == levels and digest(loaded) == digest(model)
+        assert hasattr(loaded.backbone.body, "layer4") == (stages == 4)
         with torch.no_grad():
             assert torch.equal(loaded(images)[0]["scores"], model(images)[0]["scores"])

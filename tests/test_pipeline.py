@@ -130,6 +130,7 @@ def test_layers_import_only_downward():
 
 def test_config_lists_the_models_that_models_builds():
     assert config.ARCHITECTURES == models.ARCHITECTURES and config.BACKBONES == models.BACKBONES
+    assert config.ONE_STAGE == models.ONE_STAGE
 
 
 def test_param_values_select_keys():
