@@ -35,8 +35,8 @@ def check_pyramid(name: str, levels: int, stages: int) -> None:
     up front, before a stage opens a run; ``models.build_model`` refuses the same (tests/test_models.py)."""
     if name in ONE_STAGE and stages < 4 and levels > stages - 1:
         built = "P3 only, 1 level" if stages == 2 else f"P3-P{stages + 1}, at most {stages - 1} levels"
-        raise DetpipeError(f"model.pyramid_levels {levels} needs model.backbone_stages 4: backbone_stages {stages} "
-                           f"builds {built}")
+        raise DetpipeError(f"model.pyramid_levels {levels} needs model.backbone_stages >= {min(levels + 1, 4)}: "
+                           f"backbone_stages {stages} builds {built}")
 
 
 @dataclass(frozen=True)

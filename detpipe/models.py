@@ -85,8 +85,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     if one_stage and backbone_stages < STAGES and pyramid_levels > backbone_stages - 1:  # as config.check_pyramid
         built = "P3 only, 1 level" if backbone_stages == 2 else f"P3-P{backbone_stages + 1}, at most " \
                                                                  f"{backbone_stages - 1} levels"
-        raise DetpipeError(f"model.pyramid_levels {pyramid_levels} needs model.backbone_stages {STAGES}: "
-                           f"backbone_stages {backbone_stages} builds {built}")
+        raise DetpipeError(f"model.pyramid_levels {pyramid_levels} needs model.backbone_stages >= "
+                           f"{min(pyramid_levels + 1, STAGES)}: backbone_stages {backbone_stages} builds {built}")
     if weights and not _is_path(weights):  # a misspelt name fails before anything is built
         try:
             _weights_member(name, weights)

@@ -40,7 +40,7 @@ def mlflow_runs(cwd: Path) -> list[tuple[str, str]]:
     ("train.epochs=2.5", ("train.epochs must be an integer, got 2.5",)),
     ("threads=-1", ("threads must be at least 0, got -1",)),
     ("model.max_size=32", ("model.max_size (32) is less than model.min_size (64)",)),
-    ("model.pyramid_levels=5", ("model.pyramid_levels 5 needs model.backbone_stages 4: backbone_stages 2 builds P3 "
+    ("model.pyramid_levels=5", ("model.pyramid_levels 5 needs model.backbone_stages >= 4: backbone_stages 2 builds P3 "
                                 "only, 1 level",)),
 ])
 def test_bad_params_end_before_an_mlflow_run_is_opened(converted, override, fragments):
