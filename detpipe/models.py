@@ -82,11 +82,11 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     if not 2 <= backbone_stages <= STAGES:
         raise DetpipeError(f"model.backbone_stages must be from 2 (C2-C3) to {STAGES} (C2-C5), got {backbone_stages}")
     one_stage = name in ONE_STAGE
-    if one_stage and backbone_stages < STAGES and pyramid_levels > backbone_stages - 1:  # as config.check_pyramid
-        built = "P3 only, 1 level" if backbone_stages == 2 else f"P3-P{backbone_stages + 1}, at most " \
-                                                                 f"{backbone_stages - 1} levels"
-        raise DetpipeError(f"model.pyramid_levels {pyramid_levels} needs model.backbone_stages >= "
-                           f"{min(pyramid_levels + 1, STAGES)}: backbone_stages {backbone_stages} builds {built}")
+    levels, stages = pyramid_levels, backbone_stages
+    if one_stage and stages < STAGES and levels > stages - 1:  # as config.check_pyramid (a test keeps them equal)
+        built = "P3 only, 1 level" if stages == 2 else f"P3-P{stages + 1}, at most {stages - 1} levels"
+        raise DetpipeError(f"model.pyramid_levels {levels} needs model.backbone_stages >= {min(levels + 1, STAGES)}: "
+                           f"backbone_stages {stages} builds {built}")
     if weights and not _is_path(weights):  # a misspelt name fails before anything is built
         try:
             _weights_member(name, weights)
