@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--images", type=int, default=64, help="generated train images (val: a quarter)")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="default: all four")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
     src = Path.cwd()
@@ -62,7 +63,8 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"{stage} failed:\n{done.stderr[-2000:]}")
         common = ["--set", f"device={args.device}", "--set", f"train.epochs={args.epochs}"]
-        for case, (overrides, torchrun) in CASES.items():
+        for case in args.cases:
+            overrides, torchrun = CASES[case]
             out = f"runs/{case}"
             sets = [a for o in overrides for a in ("--set", o)]
             train = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else [py]

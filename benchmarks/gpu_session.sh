@@ -8,11 +8,13 @@
 #
 # Steps, most important first, each under its own time limit so that a slow one cannot cost the others; a
 # step that no longer fits in what is left of GPU_SESSION_SECONDS (default 540) is skipped, and says so:
-#   1. benchmarks.gpu_train_bench: our loop against torchvision's plain loop, 4 models x fp32/bf16
-#   2. benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
-#   3. benchmarks.bench_infer --device cuda: inference img/s per model family
-#   4. benchmarks.gpu_check: the train and evaluate stages with AMP bf16, fp16 + gradient scaler, DDP under torchrun
-#   5. benchmarks.gpu_train_bench --compile (Faster R-CNN, bf16), if time is left
+#   1. train_bench: benchmarks.gpu_train_bench, bf16: the plain torchvision loop, ours with nvJPEG decode, ours
+#      with worker decode, 4 models; then a torch.profiler table of ours on Faster R-CNN (profile.txt)
+#   2. default: benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
+#   3. stages: benchmarks.gpu_check: the train and evaluate stages with fp16 + gradient scaler, DDP under torchrun
+#   4. train_fp32: benchmarks.gpu_train_bench in fp32, plain against ours
+#   5. infer: benchmarks.bench_infer --device cuda: inference img/s per model family
+#   6. compile: benchmarks.gpu_train_bench --compile (Faster R-CNN, bf16)
 # Writes $OUT/session.log (every step's output) and one JSON per step. Exit status: 1 if a step failed, else 3 if
 # one was skipped, else 0. GPU_SESSION_SMOKE=1 runs each step at
 # toy sizes on the CPU, to catch a broken step before device time is spent on it; GPU_SESSION_STEPS="infer compile"
@@ -24,7 +26,7 @@ log=$out/session.log
 budget=${GPU_SESSION_SECONDS:-540}
 smoke=${GPU_SESSION_SMOKE:-0}
 py=${PYTHON:-python3}
-steps=" ${GPU_SESSION_STEPS:-train_bench default infer stages compile} "  # a rerun can name fewer
+steps=" ${GPU_SESSION_STEPS:-train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
 export PYTHONUNBUFFERED=1
 failed=0
 skipped=0
@@ -62,18 +64,25 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, what is
 } >>"$log" 2>&1
 
 if [ "$smoke" = 1 ]; then
-  step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --json "$out/gpu_train_bench.json"
+  step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --json "$out/gpu_train_bench.json" \
+    --profile "$out/profile.txt"
   step default 600 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
+  step stages 600 $py -m benchmarks.gpu_check --device cpu --epochs 1 --images 8 \
+    --cases amp-fp16-scaler ddp-1-process --json "$out/gpu_check.json"
+  step train_fp32 300 $py -m benchmarks.gpu_train_bench --smoke --loops plain ours --json "$out/gpu_train_fp32.json"
   step infer 120 $py -m benchmarks.bench_infer --device cpu --images 1 --models ssdlite320_mobilenet_v3_large \
     --json "$out/bench_infer_gpu.json"
-  step stages 600 $py -m benchmarks.gpu_check --device cpu --epochs 1 --images 8 --json "$out/gpu_check.json"
 else
-  step train_bench 250 $py -m benchmarks.gpu_train_bench --json "$out/gpu_train_bench.json"
-  step default 170 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
+  step train_bench 230 $py -m benchmarks.gpu_train_bench --amp on --json "$out/gpu_train_bench.json" \
+    --profile "$out/profile.txt"
+  step default 160 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
+  step stages 110 $py -m benchmarks.gpu_check --epochs 1 --images 32 --cases amp-fp16-scaler ddp-1-process \
+    --json "$out/gpu_check.json"
+  step train_fp32 120 $py -m benchmarks.gpu_train_bench --amp off --loops plain ours \
+    --models fasterrcnn_resnet50_fpn fcos_resnet50_fpn --json "$out/gpu_train_fp32.json"
   step infer 45 $py -m benchmarks.bench_infer --device cuda --images 20 --json "$out/bench_infer_gpu.json"
-  step stages 100 $py -m benchmarks.gpu_check --epochs 1 --images 32 --json "$out/gpu_check.json"
-  step compile 120 $py -m benchmarks.gpu_train_bench --compile --amp on --models fasterrcnn_resnet50_fpn \
-    --json "$out/gpu_train_bench_compile.json"
+  step compile 120 $py -m benchmarks.gpu_train_bench --compile --amp on --loops plain ours \
+    --models fasterrcnn_resnet50_fpn --json "$out/gpu_train_bench_compile.json"
 fi
 echo "== done after $SECONDS s, failed=$failed, skipped=$skipped" | tee -a "$log"
 ((failed)) && exit 1

@@ -11,10 +11,15 @@ bf16 autocast) trains, on the same images and batches of 8:
   ``.to(device)``, ``loss.item()`` every iteration, plain SGD;
 * ``ours``: ``detpipe.engine.train_one_epoch`` with the levers of docs/training.md ("GPU speed"): losses read at
   log points only, fused SGD, channels_last, pinned memory and persistent workers, JPEGs decoded on the GPU
-  (nvJPEG), cuDNN benchmark except for Mask R-CNN, torch.compile of the backbone with ``--compile``; it clips
-  gradients (``train.clip_grad_norm`` 10) as the train stage does.
+  (nvJPEG, which drains the stream before each batch's decode), cuDNN benchmark except for Mask R-CNN,
+  torch.compile of the backbone with ``--compile``; it clips gradients (``train.clip_grad_norm`` 10) as the
+  train stage does;
+* ``ours-worker-decode``: the same, but JPEGs decoded to uint8 in the DataLoader workers (``train.gpu_decode:
+  false``): no drain, a pinned uint8 copy per image instead.
 
-Prints images per second after the warm-up iterations, the ratio ours/plain and peak GPU memory; writes JSON.
+Prints images per second after the warm-up iterations, each loop's ratio to plain and peak GPU memory; writes
+JSON. ``--profile FILE`` then profiles ``ours`` on the first model (torch.profiler, the timed iterations) and
+writes the top operators by GPU and by CPU time, and how busy the GPU was, to FILE.
 Imports neither pycocotools nor MLflow (the lent GPU machines have neither).
 """
 
@@ -40,6 +45,7 @@ try:
 except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
     sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
 
+LOOPS = ("plain", "ours", "ours-worker-decode")
 MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 CLASSES = 5
 
@@ -107,8 +113,8 @@ class PlainDataset(torch.utils.data.Dataset):
 class Timed:
     """Passes a loader's batches on; times the iterations after the first ``warmup`` (the GPU synced at both ends)."""
 
-    def __init__(self, loader, warmup: int, device: torch.device):
-        self.loader, self.warmup, self.device = loader, warmup, device
+    def __init__(self, loader, warmup: int, device: torch.device, profiler=None):
+        self.loader, self.warmup, self.device, self.profiler = loader, warmup, device, profiler
         self.dataset = loader.dataset  # train_one_epoch decodes with the dataset's transforms
         self.start = self.end = None
 
@@ -124,8 +130,12 @@ class Timed:
         for i, batch in enumerate(self.loader):
             if i == self.warmup:
                 self.start = self._sync()
+                if self.profiler is not None:
+                    self.profiler.start()
             yield batch
         self.end = self._sync()
+        if self.profiler is not None:
+            self.profiler.stop()
 
 
 def plain_loop(model, loader, device: torch.device, amp: bool) -> None:
@@ -151,7 +161,7 @@ def our_loop(model, loader, device: torch.device, amp: bool) -> None:
                            log_interval=20, deferred_sync=True, log=lambda msg: None)
 
 
-def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.device) -> dict:
+def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.device, profiler=None) -> dict:
     masks = name.startswith("maskrcnn")
     torch.manual_seed(0)
     model = build_model(name, "resnet50", CLASSES + 1, min_size=args.min_size, max_size=args.max_size).to(device)
@@ -163,10 +173,10 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
                                              num_workers=args.workers, collate_fn=collate, generator=generator)
     else:
         engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks)
-        dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and args.gpu_decode)
+        dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours")
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
                                      prefetch_factor=4, persistent_workers=args.workers > 0)
-    timed = Timed(loader, args.warmup, device)
+    timed = Timed(loader, args.warmup, device, profiler)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     (plain_loop if loop == "plain" else our_loop)(model, timed, device, amp)
@@ -191,8 +201,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="iterations before timing starts")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers of both loops")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the backbone (warm-up then compiles)")
-    p.add_argument("--no-gpu-decode", dest="gpu_decode", action="store_false",
-                   help="ours: decode JPEGs in the DataLoader workers (PIL) instead of on the GPU (nvJPEG)")
+    p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS), help="default: all three")
+    p.add_argument("--profile", type=Path, help="then profile ours on the first model; write the tables here")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
@@ -210,32 +220,58 @@ def main() -> None:
                            args.batch * (args.warmup + args.iters), height, width)
         for name in args.models or MODELS:
             for amp in precisions:
-                pair = {}
-                for loop in ("plain", "ours"):
+                runs = {}
+                for loop in args.loops:
                     try:
-                        pair[loop] = run_one(args, coco, name, loop, amp, device)
+                        runs[loop] = run_one(args, coco, name, loop, amp, device)
                     except Exception as exc:  # one failure (out of memory, a NaN) must not lose the other runs
-                        pair[loop] = {"model": name, "loop": loop, "amp": "bf16" if amp else "fp32",
+                        runs[loop] = {"model": name, "loop": loop, "amp": "bf16" if amp else "fp32",
                                       "error": f"{type(exc).__name__}: {exc}"[:500]}
                         gc.collect()
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                    print(json.dumps(pair[loop]), flush=True)
-                if "img_per_s" in pair["plain"] and "img_per_s" in pair["ours"]:
-                    pair["ours"]["ratio_to_plain"] = round(pair["ours"]["img_per_s"] / pair["plain"]["img_per_s"], 3)
-                results += [pair["plain"], pair["ours"]]
-    header = f"{'model':26} {'amp':5} {'plain img/s':>11} {'ours img/s':>10} {'ours/plain':>10} {'peak GiB p/o':>13}"
-    print(header)
-    for plain, ours in zip(results[::2], results[1::2]):
-        cell = lambda row, key: f"{row[key]}" if row.get(key) is not None else row.get("error", "-")[:20]
-        print(f"{plain['model']:26} {plain['amp']:5} {cell(plain, 'img_per_s'):>11} {cell(ours, 'img_per_s'):>10} "
-              f"{cell(ours, 'ratio_to_plain'):>10} {cell(plain, 'peak_mem_gib'):>6}/{cell(ours, 'peak_mem_gib'):<6}")
+                    print(json.dumps(runs[loop]), flush=True)
+                for row in runs.values():
+                    if row["loop"] != "plain" and "img_per_s" in row and "img_per_s" in runs.get("plain", {}):
+                        row["ratio_to_plain"] = round(row["img_per_s"] / runs["plain"]["img_per_s"], 3)
+                results += runs.values()
+        print(f"{'model':26} {'amp':5} {'loop':19} {'img/s':>7} {'/plain':>7} {'peak GiB':>8}")
+        for row in results:
+            ips, ratio, peak = (f"{row[k]}" if row.get(k) is not None else "-"
+                                for k in ("img_per_s", "ratio_to_plain", "peak_mem_gib"))
+            print(f"{row['model']:26} {row['amp']:5} {row['loop']:19} {ips:>7} {ratio:>7} {peak:>8} "
+                  f"{row.get('error', '')[:60]}")
+        if args.profile:
+            profile(args, coco, (args.models or MODELS)[0], precisions[-1], device)
     if args.json:
         info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
                 "image_size": [height, width], "timed_iters": args.iters, "warmup_iters": args.warmup,
-                "workers": args.workers, "compile": args.compile, "gpu_decode": args.gpu_decode, "smoke": args.smoke}
+                "workers": args.workers, "compile": args.compile, "smoke": args.smoke}
         args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
+
+
+def profile(args, coco: Path, name: str, amp: bool, device: torch.device) -> None:
+    """``ours`` on ``name`` under torch.profiler over the timed iterations: the top operators by GPU and by CPU
+    time, and the GPU's busy share (its kernels' time over the wall time; low means the host holds it back)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    prof = torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    row = run_one(args, coco, name, "ours", amp, device, profiler=prof)  # Timed starts and stops it
+    events = prof.key_averages()
+    wall_s = row["images_timed"] / row["img_per_s"]
+    device_s = sum(e.self_device_time_total for e in events  # kernels (as the table's footer sums them)
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
+    head = f"{name} ours {row['amp']}: {row['img_per_s']} img/s under the profiler, wall {wall_s:.2f} s"
+    if cuda:
+        head += f", GPU kernels {device_s:.2f} s ({100 * device_s / wall_s:.0f} % of the wall time)"
+    tables = [events.table(sort_by=key, row_limit=25) for key in
+              (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]]
+    args.profile.write_text("\n\n".join([head, *tables]) + "\n")
+    print(head, flush=True)
 
 
 if __name__ == "__main__":

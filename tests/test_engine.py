@@ -400,16 +400,16 @@ def test_the_gpu_session_script_runs_the_steps_asked_for_and_skips_what_no_longe
     assert "== train_bench: exit 0" in log and "== infer: exit 0" in log and "failed=0, skipped=0" in log
     assert "== default" not in log and "== stages" not in log  # not asked for
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["bench_infer_gpu.json", "gpu_train_bench.json",
-                                                                  "session.log"]
+                                                                  "profile.txt", "session.log"]
     env.update(OUT=str(tmp_path / "b"), GPU_SESSION_SECONDS="1")
     done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 3 and "== train_bench: skipped" in done.stdout and "== infer: skipped" in done.stdout
 
 
-def test_gpu_train_bench_smoke_runs_both_loops_without_pycocotools_or_mlflow(tmp_path):
+def test_gpu_train_bench_smoke_runs_every_loop_and_the_profile_without_pycocotools_or_mlflow(tmp_path):
     """The GPU benchmark's code, on the CPU at tiny sizes, where importing pycocotools or MLflow fails (the lent
-    GPU machines have neither)."""
+    GPU machines have neither): the three loops, each with its ratio to the plain one, then the profiler table."""
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     for name in ("pycocotools", "mlflow", "ultrafast_pycocotools"):
@@ -417,13 +417,17 @@ def test_gpu_train_bench_smoke_runs_both_loops_without_pycocotools_or_mlflow(tmp
     env = {**os.environ, "PYTHONPATH": f"{blocked}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                                        timeout=600)
-    done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--json", str(tmp_path / "bench.json"))
+    done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--json", str(tmp_path / "bench.json"),
+               "--profile", str(tmp_path / "profile.txt"))
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [(r["model"], r["loop"], r["amp"]) for r in results] == [("fcos_resnet50_fpn", "plain", "fp32"),
-                                                                     ("fcos_resnet50_fpn", "ours", "fp32")]
-    assert all(r["img_per_s"] > 0 and r["images_timed"] == 4 for r in results) and results[1]["ratio_to_plain"] > 0
-    assert "ours/plain" in done.stdout
+    assert [(r["model"], r["loop"], r["amp"]) for r in results] == [
+        ("fcos_resnet50_fpn", loop, "fp32") for loop in ("plain", "ours", "ours-worker-decode")]
+    assert all(r["img_per_s"] > 0 and r["images_timed"] == 4 for r in results)
+    assert "ratio_to_plain" not in results[0] and all(r["ratio_to_plain"] > 0 for r in results[1:])
+    assert "/plain" in done.stdout and "ours-worker-decode" in done.stdout
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.startswith("fcos_resnet50_fpn ours fp32: ") and "aten::convolution_backward" in profile
     masks = ("from pathlib import Path; from benchmarks import gpu_train_bench as b; "
              f"coco = b.make_images(Path({str(tmp_path / 'imgs')!r}), 2, 3, 40, 60); "
              "image, target = b.CocoDetection(coco, coco.parent, with_masks=True)[2]; "
