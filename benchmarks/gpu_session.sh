@@ -8,13 +8,15 @@
 #
 # Steps, most important first, each under its own time limit so that a slow one cannot cost the others; a
 # step that no longer fits in what is left of GPU_SESSION_SECONDS (default 540) is skipped, and says so:
-#   1. train_bench: benchmarks.gpu_train_bench, bf16: the plain torchvision loop, ours with nvJPEG decode, ours
+#   1. canvas: benchmarks.gpu_train_bench --photo-sizes, bf16: images of many sizes, the plain loop, ours, and
+#      ours with model.fixed_canvas (batches grouped by orientation), Faster R-CNN and RetinaNet (never measured)
+#   2. train_bench: benchmarks.gpu_train_bench, bf16: the plain torchvision loop, ours with nvJPEG decode, ours
 #      with worker decode, 4 models; then a torch.profiler table of ours on Faster R-CNN (profile.txt)
-#   2. default: benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
-#   3. stages: benchmarks.gpu_check: the train and evaluate stages with fp16 + gradient scaler, DDP under torchrun
-#   4. train_fp32: benchmarks.gpu_train_bench in fp32, plain against ours
-#   5. infer: benchmarks.bench_infer --device cuda: inference img/s per model family
-#   6. compile: benchmarks.gpu_train_bench --compile (Faster R-CNN, bf16)
+#   3. default: benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
+#   4. stages: benchmarks.gpu_check: the train and evaluate stages with fp16 + gradient scaler, DDP under torchrun
+#   5. train_fp32: benchmarks.gpu_train_bench in fp32, plain against ours
+#   6. infer: benchmarks.bench_infer --device cuda: inference img/s per model family
+#   7. compile: benchmarks.gpu_train_bench --compile (Faster R-CNN, bf16)
 # Writes $OUT/session.log (every step's output) and one JSON per step. Exit status: 1 if a step failed, else 3 if
 # one was skipped, else 0. GPU_SESSION_SMOKE=1 runs each step at
 # toy sizes on the CPU, to catch a broken step before device time is spent on it; GPU_SESSION_STEPS="infer compile"
@@ -26,7 +28,7 @@ log=$out/session.log
 budget=${GPU_SESSION_SECONDS:-540}
 smoke=${GPU_SESSION_SMOKE:-0}
 py=${PYTHON:-python3}
-steps=" ${GPU_SESSION_STEPS:-train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
+steps=" ${GPU_SESSION_STEPS:-canvas train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
 export PYTHONUNBUFFERED=1
 failed=0
 skipped=0
@@ -64,6 +66,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, what is
 } >>"$log" 2>&1
 
 if [ "$smoke" = 1 ]; then
+  step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --loops plain ours-worker-decode \
+    ours-canvas --json "$out/gpu_train_canvas.json"
   step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --json "$out/gpu_train_bench.json" \
     --profile "$out/profile.txt"
   step default 600 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
@@ -73,6 +77,8 @@ if [ "$smoke" = 1 ]; then
   step infer 120 $py -m benchmarks.bench_infer --device cpu --images 1 --models ssdlite320_mobilenet_v3_large \
     --json "$out/bench_infer_gpu.json"
 else
+  step canvas 150 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --loops plain ours-worker-decode \
+    ours-canvas --models fasterrcnn_resnet50_fpn retinanet_resnet50_fpn --json "$out/gpu_train_canvas.json"
   step train_bench 230 $py -m benchmarks.gpu_train_bench --amp on --json "$out/gpu_train_bench.json" \
     --profile "$out/profile.txt"
   step default 160 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"

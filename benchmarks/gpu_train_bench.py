@@ -15,7 +15,9 @@ bf16 autocast) trains, on the same images and batches of 8:
   torch.compile of the backbone with ``--compile``; it clips gradients (``train.clip_grad_norm`` 10) as the
   train stage does;
 * ``ours-worker-decode``: the same, but JPEGs decoded to uint8 in the DataLoader workers (``train.gpu_decode:
-  false``): no drain, a pinned uint8 copy per image instead.
+  false``): no drain, a pinned uint8 copy per image instead;
+* ``ours-canvas`` (asked for by ``--loops``): ``ours-worker-decode`` with ``model.fixed_canvas`` and batches
+  grouped by orientation (``train.group_aspect_ratio``): for ``--photo-sizes``, images of many sizes.
 
 Prints images per second after the warm-up iterations, each loop's ratio to plain and peak GPU memory; writes
 JSON. ``--profile FILE`` then profiles ``ours`` on the first model (torch.profiler, the timed iterations) and
@@ -39,24 +41,29 @@ import torch
 from PIL import Image, ImageDraw
 
 try:
+    from benchmarks.bench_canvas import photo_sizes
     from detpipe import engine
     from detpipe.datasets import CocoDetection, collate
     from detpipe.models import build_model
 except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
     sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
 
-LOOPS = ("plain", "ours", "ours-worker-decode")
+LOOPS = ("plain", "ours", "ours-worker-decode", "ours-canvas")
 MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 CLASSES = 5
 
 
-def make_images(folder: Path, distinct: int, total: int, height: int, width: int, seed: int = 0) -> Path:
-    """``distinct`` JPEGs (smooth background, noise, filled shapes) listed ``total`` times in a COCO file."""
+def make_images(folder: Path, distinct: int, total: int, height: int, width: int, seed: int = 0,
+                sizes: list[tuple[int, int]] | None = None) -> Path:
+    """``distinct`` JPEGs (smooth background, noise, filled shapes) listed ``total`` times in a COCO file; all
+    ``height`` x ``width``, or image i ``sizes[i]``."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    boxes_of = []
-    yy, xx = np.mgrid[0:height, 0:width]
+    boxes_of, size_of = [], []
     for i in range(distinct):
+        height, width = sizes[i] if sizes else (height, width)
+        size_of.append((height, width))
+        yy, xx = np.mgrid[0:height, 0:width]
         base = (np.stack([xx / width, yy / height, (xx + yy) / (width + height)], -1) * rng.uniform(60, 200, 3))
         pixels = np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
         image = Image.fromarray(pixels)
@@ -71,6 +78,7 @@ def make_images(folder: Path, distinct: int, total: int, height: int, width: int
         boxes_of.append(boxes)
     images, anns = [], []
     for k in range(total):
+        height, width = size_of[k % distinct]
         images.append({"id": k + 1, "file_name": f"{k % distinct:04d}.jpg", "width": width, "height": height})
         for bbox, cat in boxes_of[k % distinct]:
             anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": cat, "bbox": bbox,
@@ -164,7 +172,8 @@ def our_loop(model, loader, device: torch.device, amp: bool) -> None:
 def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.device, profiler=None) -> dict:
     masks = name.startswith("maskrcnn")
     torch.manual_seed(0)
-    model = build_model(name, "resnet50", CLASSES + 1, min_size=args.min_size, max_size=args.max_size).to(device)
+    model = build_model(name, "resnet50", CLASSES + 1, min_size=args.min_size, max_size=args.max_size,
+                        fixed_canvas=loop == "ours-canvas").to(device)
     generator = torch.Generator().manual_seed(0)
     cuda = device.type == "cuda"
     if loop == "plain":
@@ -175,7 +184,8 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
         engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks)
         dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours")
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
-                                     prefetch_factor=4, persistent_workers=args.workers > 0)
+                                     prefetch_factor=4, persistent_workers=args.workers > 0,
+                                     group_aspect_ratio=loop == "ours-canvas")
     timed = Timed(loader, args.warmup, device, profiler)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -201,7 +211,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="iterations before timing starts")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers of both loops")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the backbone (warm-up then compiles)")
-    p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS), help="default: all three")
+    p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS[:3]), help="default: the first three")
+    p.add_argument("--photo-sizes", action="store_true",
+                   help="images of a photo-like mix of sizes and orientations (bench_canvas) instead of one size")
     p.add_argument("--profile", type=Path, help="then profile ours on the first model; write the tables here")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -216,8 +228,9 @@ def main() -> None:
     precisions = {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        coco = make_images(Path(tmp), min(32, args.batch * (args.warmup + args.iters)),
-                           args.batch * (args.warmup + args.iters), height, width)
+        distinct = min(32, args.batch * (args.warmup + args.iters))
+        sizes = photo_sizes(distinct, 0) if args.photo_sizes else None
+        coco = make_images(Path(tmp), distinct, args.batch * (args.warmup + args.iters), height, width, sizes=sizes)
         for name in args.models or MODELS:
             for amp in precisions:
                 runs = {}
@@ -246,8 +259,8 @@ def main() -> None:
     if args.json:
         info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
-                "image_size": [height, width], "timed_iters": args.iters, "warmup_iters": args.warmup,
-                "workers": args.workers, "compile": args.compile, "smoke": args.smoke}
+                "image_size": "photo-like mix" if args.photo_sizes else [height, width], "timed_iters": args.iters,
+                "warmup_iters": args.warmup, "workers": args.workers, "compile": args.compile, "smoke": args.smoke}
         args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
 
 

@@ -49,7 +49,7 @@ from detpipe.visualize import draw
 MODEL_KEYS = ("name", "backbone", "min_size", "max_size", "fpn_channels")
 # Passed on to build_model when a config's model section has them (post-processing and weights params)
 OPTIONAL_MODEL_KEYS = ("score_thresh", "nms_thresh", "detections_per_img", "weights", "pyramid_levels",
-                      "backbone_stages")
+                      "backbone_stages", "fixed_canvas")
 
 
 class DetResult(list):

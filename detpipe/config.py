@@ -88,6 +88,8 @@ SCHEMA: dict[str, Any] = {
                                    "levels, P3 first; 5 (P3-P7) is torchvision's, 1 is P3 alone", 5, ge=1, le=5),
         "backbone_stages": Key(int, "small retinanet and fcos: ResNet stages built, the pyramid's top-down pathway "
                                     "starting from the last (4: C5, torchvision's; 3: C4)", 4, ge=2, le=4),
+        "fixed_canvas": Key(bool, "pad every batch to one of three fixed sizes (landscape, portrait, mixed) instead of "
+                                  "its own: few input shapes for train.cudnn_benchmark and train.compile", False),
         "pretrained_backbone": Key(bool, "start from torchvision's ImageNet backbone weights (downloads once)"),
         "min_size": Key(int, "images are resized so their short side is this many pixels", ge=16),
         "max_size": Key(int, "...and their long side at most this many", ge=16),

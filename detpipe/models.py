@@ -54,7 +54,8 @@ def has_masks(name: str) -> bool:
 def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, max_size: int,
                 fpn_channels: int = 256, pretrained_backbone: bool = False, score_thresh: float = ARCH_DEFAULT,
                 nms_thresh: float = ARCH_DEFAULT, detections_per_img: int = ARCH_DEFAULT, weights: str = "",
-                load: bool = True, pyramid_levels: int = LEVELS, backbone_stages: int = STAGES):
+                load: bool = True, pyramid_levels: int = LEVELS, backbone_stages: int = STAGES,
+                fixed_canvas: bool = False):
     """A detector with ``num_classes`` outputs (background included) that resizes images to min/max_size.
 
     ``score_thresh``, ``nms_thresh`` and ``detections_per_img`` set its post-processing; -1 keeps the
@@ -69,6 +70,9 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     ``backbone_stages``: the small ``retinanet`` and ``fcos`` build their ResNet's first 2-4 stages only, and the
     pyramid's top-down pathway starts from the last one built (4: C5, torchvision's; 3: C4; 2: C3); fewer stages
     need ``pyramid_levels`` of at most ``backbone_stages - 1``. The other models ignore it.
+    ``fixed_canvas``: every batch is padded to one of three fixed sizes (:func:`canvas_size`) instead of to its
+    largest image rounded up to 32 pixels, so the network sees a few input shapes only (for cuDNN's algorithm
+    search and ``torch.compile``); SSD models, which resize to one square already, ignore it.
 
     The small models without pretrained weights use trainable BatchNorm: torchvision's default FrozenBatchNorm
     keeps ImageNet statistics and never learns from scratch. SSD models resize to a square: the small ``ssdlite``
@@ -108,6 +112,11 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
                            "connect once, or set it to false") from None
     if name.startswith("fcos"):  # detpipe's fcos and fcos_resnet50_fpn, before any weights are loaded
         _live_box_regression(model)
+    if fixed_canvas and "ssd" not in name:
+        t = model.transform
+        model.transform = _canvas_transform_class()(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                                    size_divisible=t.size_divisible, fixed_size=t.fixed_size,
+                                                    _skip_resize=t._skip_resize)
     model.weights_not_loaded = []
     if weights and load:
         try:
@@ -124,7 +133,41 @@ def build_from_params(m, num_classes: int):
                        fpn_channels=m.fpn_channels, pretrained_backbone=m.pretrained_backbone,
                        score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
                        detections_per_img=m.detections_per_img, weights=m.weights, pyramid_levels=m.pyramid_levels,
-                       backbone_stages=m.backbone_stages)
+                       backbone_stages=m.backbone_stages, fixed_canvas=m.fixed_canvas)
+
+
+def canvas_size(height: int, width: int, min_size: int, max_size: int, divisible: int = 32) -> tuple[int, int]:
+    """The fixed size a batch whose largest image is ``height`` x ``width`` is padded to with ``fixed_canvas``.
+
+    With S and L the short and long sides images are resized to (``min_size``, ``max_size``) rounded up to
+    ``divisible``, it is the first of (S, L), (L, S) and (L, L) that holds the batch: one shape for landscape
+    batches, one for portrait ones, one for batches that mix them. A larger batch (not resized, say) is padded
+    as torchvision pads it: to its own size rounded up.
+    """
+    up = lambda v: -(-v // divisible) * divisible
+    short, long = up(min_size), up(max(min_size, max_size))
+    for canvas in ((short, long), (long, short), (long, long)):
+        if height <= canvas[0] and width <= canvas[1]:
+            return canvas
+    return up(height), up(width)
+
+
+@functools.cache
+def _canvas_transform_class():
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    class CanvasTransform(GeneralizedRCNNTransform):
+        """torchvision's resize and normalisation; batches padded to :func:`canvas_size` (``model.fixed_canvas``)."""
+
+        def batch_images(self, images, size_divisible: int = 32):
+            height, width = canvas_size(max(im.shape[-2] for im in images), max(im.shape[-1] for im in images),
+                                        max(self.min_size), self.max_size, size_divisible)
+            batched = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+            for image, padded in zip(images, batched):
+                padded[:, :image.shape[-2], :image.shape[-1]].copy_(image)
+            return batched
+
+    return CanvasTransform
 
 
 def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_per_img: int) -> dict:
@@ -445,7 +488,8 @@ def load_checkpoint(path, device="cpu"):
                             max_size=m["max_size"], fpn_channels=m["fpn_channels"], pretrained_backbone=imagenet,
                             **post, weights=m.get("weights", ""), load=False,  # the layout: the weights are in ckpt
                             pyramid_levels=m.get("pyramid_levels", LEVELS),  # saved before the key: P3-P7
-                            backbone_stages=m.get("backbone_stages", STAGES))
+                            backbone_stages=m.get("backbone_stages", STAGES),
+                            fixed_canvas=m.get("fixed_canvas", False))
         model.load_state_dict(ckpt["model"])
     except DetpipeError as exc:
         raise DetpipeError(f"{path}: {exc}") from None

@@ -225,6 +225,7 @@ def test_gpu_decode_without_cuda_is_a_one_line_error(tiny_coco, tmp_path, monkey
 
 def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
     from detpipe import config, train
+    from detpipe.models import load_checkpoint
     from tests.conftest import write_tiny_params
 
     monkeypatch.chdir(tmp_path)
@@ -243,8 +244,10 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
         monkeypatch.setattr(engine, name, spy(name, getattr(engine, name)))
     levers = {"deferred_sync": False, "channels_last": True, "compile": True, "cudnn_benchmark": True,
               "fused_optimizer": True, "pin_memory": False, "prefetch_factor": 3, "persistent_workers": True}
-    cfg = config.load(write_tiny_params(tmp_path), [f"train.{k}={str(v).lower()}" for k, v in levers.items()])
+    cfg = config.load(write_tiny_params(tmp_path), [f"train.{k}={str(v).lower()}" for k, v in levers.items()]
+                      + ["model.fixed_canvas=true"])
     train.run(cfg, tiny_coco / "coco", tiny_coco / "raw", tmp_path / "out")
+    assert type(load_checkpoint(tmp_path / "out/model.pt")[0].transform).__name__ == "CanvasTransform"
     assert seen["train_loader"].items() >= {"pin_memory": False, "prefetch_factor": 3,
                                             "persistent_workers": True}.items()
     assert seen["speed_up"] == {"channels_last": True, "compile": True, "cudnn_benchmark": True}
@@ -428,6 +431,12 @@ def test_gpu_train_bench_smoke_runs_every_loop_and_the_profile_without_pycocotoo
     assert "/plain" in done.stdout and "ours-worker-decode" in done.stdout
     profile = (tmp_path / "profile.txt").read_text()
     assert profile.startswith("fcos_resnet50_fpn ours fp32: ") and "aten::convolution_backward" in profile
+    done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--photo-sizes", "--loops", "plain", "ours-canvas",
+               "--json", str(tmp_path / "canvas.json"))  # images of many sizes; fixed_canvas with grouped batches
+    assert done.returncode == 0, done.stderr
+    bench = json.loads((tmp_path / "canvas.json").read_text())
+    assert bench["setup"]["image_size"] == "photo-like mix"
+    assert [r["loop"] for r in bench["results"]] == ["plain", "ours-canvas"] and bench["results"][1]["img_per_s"] > 0
     masks = ("from pathlib import Path; from benchmarks import gpu_train_bench as b; "
              f"coco = b.make_images(Path({str(tmp_path / 'imgs')!r}), 2, 3, 40, 60); "
              "image, target = b.CocoDetection(coco, coco.parent, with_masks=True)[2]; "

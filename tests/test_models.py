@@ -2,6 +2,9 @@
 here, never from the internet) or file, post-processing params passed through."""
 
 import hashlib
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,7 +55,7 @@ BEFORE = [
 def test_small_models_are_built_as_before_with_the_default_params(name, backbone, fpn, expected, post):
     defaults = {k: spec.default for k, spec in config.SCHEMA["model"].items() if spec.default is not config.REQUIRED}
     assert defaults == {"weights": "", "score_thresh": -1.0, "nms_thresh": -1.0, "detections_per_img": -1,
-                        "pyramid_levels": 5, "backbone_stages": 4}
+                        "pyramid_levels": 5, "backbone_stages": 4, "fixed_canvas": False}
     torch.manual_seed(0)
     model = build_model(name, backbone, 5, min_size=128, max_size=128, fpn_channels=fpn, **defaults)
     if name == "fcos":  # changed on purpose since: the box regression's bias starts at 1 (_live_box_regression)
@@ -205,6 +208,77 @@ def test_other_models_ignore_pyramid_levels_and_backbone_stages(name):
         built.append(digest(build_model(name, "resnet10", 3, min_size=64, max_size=64, fpn_channels=64,
                                         pyramid_levels=levels, backbone_stages=stages)))
     assert built[0] == built[1] == built[2]
+
+
+# --- model.fixed_canvas: batches padded to a few fixed sizes ----------------------------------------------------
+
+@pytest.mark.parametrize("height, width, min_size, max_size, canvas", [
+    (800, 1333, 800, 1333, (800, 1344)),  # landscape
+    (1333, 800, 800, 1333, (1344, 800)),  # portrait
+    (600, 1333, 800, 1333, (800, 1344)),  # long side capped: the short side is below min_size
+    (800, 800, 800, 1333, (800, 1344)),  # square: the landscape canvas holds it
+    (1333, 1333, 800, 1333, (1344, 1344)),  # a batch that mixes orientations
+    (96, 96, 96, 96, (96, 96)),  # the default's square images: as without it
+    (90, 70, 96, 64, (96, 96)),  # max_size below min_size: L is S
+    (2000, 100, 800, 1333, (2016, 128)),  # larger than every canvas (not resized): padded as torchvision does
+])
+def test_canvas_size_is_the_first_fixed_canvas_that_holds_the_batch(height, width, min_size, max_size, canvas):
+    assert models.canvas_size(height, width, min_size, max_size) == canvas
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "maskrcnn", "retinanet", "fcos"])
+def test_fixed_canvas_pads_batches_to_three_shapes_and_keeps_the_images_and_weights(name):
+    """Batches of any mix of sizes come out in the three canvases only, each image where torchvision puts it with
+    the padding at 0 (the normalised mean); the weights are those of the same seed without it, and it trains."""
+    torch.manual_seed(0)
+    plain = build_model(name, "resnet10", 3, min_size=64, max_size=96, fpn_channels=64)
+    torch.manual_seed(0)
+    canvas = build_model(name, "resnet10", 3, min_size=64, max_size=96, fpn_channels=64, fixed_canvas=True)
+    assert digest(canvas) == digest(plain) and type(plain.transform) is not type(canvas.transform)
+    assert canvas.transform.min_size == (64,) and canvas.transform.max_size == 96
+    shapes = set()
+    for sizes in ([(50, 70), (60, 60)], [(70, 50)], [(70, 50), (50, 70)], [(40, 100), (33, 47), (64, 64)]):
+        images = [torch.rand(3, h, w) for h, w in sizes]
+        want, got = plain.transform.eval()(images)[0], canvas.transform.eval()(images)[0]
+        assert got.image_sizes == want.image_sizes
+        shapes.add(tuple(got.tensors.shape[-2:]))
+        for i, (h, w) in enumerate(got.image_sizes):
+            assert torch.equal(got.tensors[i, :, :h, :w], want.tensors[i, :, :h, :w])
+            padded = got.tensors[i].clone()
+            padded[:, :h, :w] = 0
+            assert not padded.any()
+    assert shapes == {(64, 96), (96, 64), (96, 96)}
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros(1, 50, 70, dtype=torch.uint8)}, {"boxes": torch.zeros(0, 4),
+                "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 70, 50, dtype=torch.uint8)}]
+    targets[0]["masks"][0, 5:40, 5:30] = 1
+    losses = canvas.train()([torch.rand(3, 50, 70), torch.rand(3, 70, 50)], targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    out = canvas.eval()([torch.rand(3, 50, 70)])[0]["boxes"]
+    assert out.numel() == 0 or (out[:, 2].max() <= 70 and out[:, 3].max() <= 50)  # clipped to the image
+
+
+def test_ssd_models_ignore_fixed_canvas():
+    """SSD resizes every image to one square already: its transform stays torchvision's."""
+    torch.manual_seed(0)
+    model = build_model("ssdlite", "mobilenet_v3_large", 3, min_size=64, max_size=64, fixed_canvas=True)
+    assert type(model.transform) is torchvision.models.detection.transform.GeneralizedRCNNTransform
+
+
+def test_checkpoints_rebuild_their_fixed_canvas(tmp_path):
+    """meta.model.fixed_canvas rebuilds the padding; a checkpoint saved before the key pads as torchvision does."""
+    params = {"name": "fasterrcnn", "backbone": "resnet10", "fpn_channels": 64, "pretrained_backbone": False,
+              "min_size": 64, "max_size": 96}
+    torch.manual_seed(0)
+    model = build_model("fasterrcnn", "resnet10", 3, min_size=64, max_size=96, fpn_channels=64, fixed_canvas=True)
+    canvas_class = type(model.transform)
+    for meta_model, cls in (({**params, "fixed_canvas": True}, canvas_class),
+                            (params, torchvision.models.detection.transform.GeneralizedRCNNTransform)):
+        torch.save({"model": model.state_dict(), "meta": {"model": meta_model, "classes": ["a", "b"],
+                                                          "cat_ids": [1, 2]}}, tmp_path / "model.pt")
+        loaded, _ = load_checkpoint(tmp_path / "model.pt")
+        assert type(loaded.transform) is cls and digest(loaded) == digest(model)
 
 
 @pytest.mark.parametrize("name, backbone", [("fasterrcnn", "resnet18"), ("retinanet", "resnet18"),
@@ -525,3 +599,28 @@ def test_checkpoints_rebuild_their_pyramid_levels(tmp_path):
         assert hasattr(loaded.backbone.body, "layer4") == (stages == 4)
         with torch.no_grad():
             assert torch.equal(loaded(images)[0]["scores"], model(images)[0]["scores"])
+
+
+def test_bench_canvas_counts_the_batch_shapes_of_a_dataset(tmp_path):
+    """benchmarks/bench_canvas on a COCO file's sizes: with the canvas every batch is one of the three canvases;
+    without it, the shapes are torchvision's (each side rounded up to 32)."""
+    sizes = [(480, 640), (640, 480), (427, 640), (300, 500), (500, 300), (612, 612)] * 4
+    coco = {"images": [{"id": i, "file_name": f"{i}.jpg", "height": h, "width": w}
+                       for i, (h, w) in enumerate(sizes, 1)], "annotations": [], "categories": []}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_canvas", "--coco", str(tmp_path / "c.json"),
+                           "--batch", "4", "--min-size", "64", "--max-size", "100", "--json", str(tmp_path / "b.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [(r["grouped"], r["fixed_canvas"]) for r in rows] == [(False, False), (False, True), (True, False),
+                                                                 (True, True)]
+    for row in rows:
+        assert row["batches"] == 6 and 0 <= row["padding_share"] < 1
+        shapes = [tuple(s) for s, _ in row["most_common"]]
+        if row["fixed_canvas"]:
+            assert set(shapes) <= {(64, 128), (128, 64), (128, 128)} and row["shapes"] <= 3
+        else:
+            assert all(h % 32 == 0 and w % 32 == 0 and max(h, w) <= 128 for h, w in shapes)
+    assert rows[2]["shapes"] > rows[3]["shapes"]  # grouped by orientation: fewer shapes with the canvas
+    assert "shuffled" in done.stdout and "grouped by orientation" in done.stdout
