@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/performance.md and docs/models.md in one call on a lent GPU machine (about 9 minutes).
+# Every GPU figure of docs/performance.md and docs/models.md, in one call on a lent GPU machine: the steps below in
+# order, as many as fit in GPU_SESSION_SECONDS (9 minutes by default; all of them need about 16).
 #
 #   bash ../shared/gpu/fetch-wheels     # here: MLflow's and pycocotools' wheels into .whl (Python 3.12), then
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -8,8 +9,9 @@
 #
 # Steps, most important first, each under its own time limit so that a slow one cannot cost the others; a
 # step that no longer fits in what is left of GPU_SESSION_SECONDS (default 540) is skipped, and says so:
-#   1. canvas: benchmarks.gpu_train_bench --photo-sizes, bf16: images of many sizes, the plain loop, ours, and
-#      ours with model.fixed_canvas (batches grouped by orientation), Faster R-CNN and RetinaNet (never measured)
+#   1. canvas: benchmarks.gpu_train_bench --photo-sizes, bf16: images of many sizes, the plain loop, ours (worker
+#      decode), ours with batches grouped by orientation, and that with model.fixed_canvas; Faster R-CNN and
+#      RetinaNet (never measured)
 #   2. train_bench: benchmarks.gpu_train_bench, bf16: the plain torchvision loop, ours with nvJPEG decode, ours
 #      with worker decode, 4 models; then a torch.profiler table of ours on Faster R-CNN (profile.txt)
 #   3. default: benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
@@ -67,7 +69,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, what is
 
 if [ "$smoke" = 1 ]; then
   step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --loops plain ours-worker-decode \
-    ours-canvas --json "$out/gpu_train_canvas.json"
+    ours-grouped ours-canvas --json "$out/gpu_train_canvas.json"
   step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --json "$out/gpu_train_bench.json" \
     --profile "$out/profile.txt"
   step default 600 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
@@ -77,8 +79,9 @@ if [ "$smoke" = 1 ]; then
   step infer 120 $py -m benchmarks.bench_infer --device cpu --images 1 --models ssdlite320_mobilenet_v3_large \
     --json "$out/bench_infer_gpu.json"
 else
-  step canvas 150 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --loops plain ours-worker-decode \
-    ours-canvas --models fasterrcnn_resnet50_fpn retinanet_resnet50_fpn --json "$out/gpu_train_canvas.json"
+  step canvas 180 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --loops plain ours-worker-decode \
+    ours-grouped ours-canvas --models fasterrcnn_resnet50_fpn retinanet_resnet50_fpn \
+    --json "$out/gpu_train_canvas.json"
   step train_bench 230 $py -m benchmarks.gpu_train_bench --amp on --json "$out/gpu_train_bench.json" \
     --profile "$out/profile.txt"
   step default 160 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"

@@ -16,8 +16,9 @@ bf16 autocast) trains, on the same images and batches of 8:
   train stage does;
 * ``ours-worker-decode``: the same, but JPEGs decoded to uint8 in the DataLoader workers (``train.gpu_decode:
   false``): no drain, a pinned uint8 copy per image instead;
-* ``ours-canvas`` (asked for by ``--loops``): ``ours-worker-decode`` with ``model.fixed_canvas`` and batches
-  grouped by orientation (``train.group_aspect_ratio``): for ``--photo-sizes``, images of many sizes.
+* ``ours-grouped`` and ``ours-canvas`` (asked for by ``--loops``, for ``--photo-sizes``: images of many sizes):
+  ``ours-worker-decode`` with batches grouped by orientation (``train.group_aspect_ratio``), and that with
+  ``model.fixed_canvas`` too (compiled with static shapes under ``--compile``): the canvas's share alone.
 
 Prints images per second after the warm-up iterations, each loop's ratio to plain and peak GPU memory; writes
 JSON. ``--profile FILE`` then profiles ``ours`` on the first model (torch.profiler, the timed iterations) and
@@ -48,7 +49,7 @@ try:
 except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
     sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
 
-LOOPS = ("plain", "ours", "ours-worker-decode", "ours-canvas")
+LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas")
 MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 CLASSES = 5
 
@@ -142,7 +143,7 @@ class Timed:
                     self.profiler.start()
             yield batch
         self.end = self._sync()
-        if self.profiler is not None:
+        if self.profiler is not None and self.start is not None:
             self.profiler.stop()
 
 
@@ -181,11 +182,12 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
         loader = torch.utils.data.DataLoader(PlainDataset(coco, masks), batch_size=args.batch, shuffle=True,
                                              num_workers=args.workers, collate_fn=collate, generator=generator)
     else:
-        engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks)
+        engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks,
+                        static_shapes=loop == "ours-canvas")
         dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours")
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
                                      prefetch_factor=4, persistent_workers=args.workers > 0,
-                                     group_aspect_ratio=loop == "ours-canvas")
+                                     group_aspect_ratio=loop in ("ours-grouped", "ours-canvas"))
     timed = Timed(loader, args.warmup, device, profiler)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -254,14 +256,15 @@ def main() -> None:
                                 for k in ("img_per_s", "ratio_to_plain", "peak_mem_gib"))
             print(f"{row['model']:26} {row['amp']:5} {row['loop']:19} {ips:>7} {ratio:>7} {peak:>8} "
                   f"{row.get('error', '')[:60]}")
+        if args.json:  # before the profile, which a time limit may cut short
+            info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                    "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
+                    "image_size": "photo-like mix" if args.photo_sizes else [height, width],
+                    "timed_iters": args.iters, "warmup_iters": args.warmup, "workers": args.workers,
+                    "compile": args.compile, "smoke": args.smoke}
+            args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
         if args.profile:
             profile(args, coco, (args.models or MODELS)[0], precisions[-1], device)
-    if args.json:
-        info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
-                "image_size": "photo-like mix" if args.photo_sizes else [height, width], "timed_iters": args.iters,
-                "warmup_iters": args.warmup, "workers": args.workers, "compile": args.compile, "smoke": args.smoke}
-        args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
 
 
 def profile(args, coco: Path, name: str, amp: bool, device: torch.device) -> None:

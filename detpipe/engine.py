@@ -163,19 +163,21 @@ def build_optimizer(model: torch.nn.Module, name: str = "sgd", *, lr: float, mom
 
 
 def speed_up(model: torch.nn.Module, *, channels_last: bool = False, compile: bool = False,
-             cudnn_benchmark: bool = False) -> torch.nn.Module:
+             cudnn_benchmark: bool = False, static_shapes: bool = False) -> torch.nn.Module:
     """The training speed levers of docs/training.md, applied to ``model`` in place (after ``model.to(device)``).
 
     ``channels_last`` stores 4-D weights NHWC (faster convolutions on tensor cores); ``compile`` compiles the
-    backbone (with its FPN) with ``torch.compile``, in place, so the state dict keeps its keys;
-    ``cudnn_benchmark`` lets cuDNN time its algorithms per input shape (set for the whole process; slower for
-    models with changing shapes, such as Mask R-CNN).
+    backbone (with its FPN) with ``torch.compile``, in place, so the state dict keeps its keys: with
+    ``static_shapes`` (the model pads to ``model.fixed_canvas``'s few sizes) one graph per input shape, else
+    torch's default, which turns to dynamic shapes at the second shape; ``cudnn_benchmark`` lets cuDNN time its
+    algorithms per input shape (set for the whole process; slower for models with changing shapes, such as
+    Mask R-CNN).
     """
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        model.backbone.compile()
+        model.backbone.compile(dynamic=False if static_shapes else None)
     return model
 
 

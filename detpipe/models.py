@@ -113,10 +113,7 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     if name.startswith("fcos"):  # detpipe's fcos and fcos_resnet50_fpn, before any weights are loaded
         _live_box_regression(model)
     if fixed_canvas and "ssd" not in name:
-        t = model.transform
-        model.transform = _canvas_transform_class()(t.min_size, t.max_size, t.image_mean, t.image_std,
-                                                    size_divisible=t.size_divisible, fixed_size=t.fixed_size,
-                                                    _skip_resize=t._skip_resize)
+        _use_canvas(model)
     model.weights_not_loaded = []
     if weights and load:
         try:
@@ -139,35 +136,73 @@ def build_from_params(m, num_classes: int):
 def canvas_size(height: int, width: int, min_size: int, max_size: int, divisible: int = 32) -> tuple[int, int]:
     """The fixed size a batch whose largest image is ``height`` x ``width`` is padded to with ``fixed_canvas``.
 
-    With S and L the short and long sides images are resized to (``min_size``, ``max_size``) rounded up to
-    ``divisible``, it is the first of (S, L), (L, S) and (L, L) that holds the batch: one shape for landscape
-    batches, one for portrait ones, one for batches that mix them. A larger batch (not resized, say) is padded
-    as torchvision pads it: to its own size rounded up.
+    With S and L the short and long sides torchvision resizes images to at most (``min_size`` and ``max_size``,
+    rounded up to ``divisible``), it is the first of (S, L), (L, S) and (L, L) that holds the batch: one shape
+    for landscape batches, one for portrait ones, one for batches that mix them. A larger batch (not resized,
+    say) is padded as torchvision pads it: to its own size rounded up.
     """
-    up = lambda v: -(-v // divisible) * divisible
-    short, long = up(min_size), up(max(min_size, max_size))
-    for canvas in ((short, long), (long, short), (long, long)):
-        if height <= canvas[0] and width <= canvas[1]:
-            return canvas
-    return up(height), up(width)
+    return _canvas_transform_class().canvas_size(height, width, min_size, max_size, divisible)
 
 
 @functools.cache
 def _canvas_transform_class():
+    # Defined here and self-contained on purpose (as _finest_levels_class): MLflow's cloudpickle stores it by value,
+    # so a logged model with the canvas loads where detpipe is not installed.
+    import torchvision
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     class CanvasTransform(GeneralizedRCNNTransform):
         """torchvision's resize and normalisation; batches padded to :func:`canvas_size` (``model.fixed_canvas``)."""
 
+        @staticmethod
+        def canvas_size(height, width, min_size, max_size, divisible=32):
+            up = lambda v: -(-v // divisible) * divisible
+            short, long = up(min(min_size, max_size)), up(max_size)
+            for canvas in ((short, long), (long, short), (long, long)):
+                if height <= canvas[0] and width <= canvas[1]:
+                    return canvas
+            return up(height), up(width)
+
         def batch_images(self, images, size_divisible: int = 32):
-            height, width = canvas_size(max(im.shape[-2] for im in images), max(im.shape[-1] for im in images),
-                                        max(self.min_size), self.max_size, size_divisible)
+            if torchvision._is_tracing():  # ONNX export: torchvision's own padding
+                return super().batch_images(images, size_divisible)
+            height, width = self.canvas_size(max(im.shape[-2] for im in images), max(im.shape[-1] for im in images),
+                                             max(self.min_size), self.max_size, size_divisible)
             batched = images[0].new_zeros((len(images), images[0].shape[0], height, width))
             for image, padded in zip(images, batched):
                 padded[:, :image.shape[-2], :image.shape[-1]].copy_(image)
             return batched
 
     return CanvasTransform
+
+
+def _use_canvas(model) -> None:
+    """Pad ``model``'s batches to the canvas, and set its RoI poolers' scales from the backbone's strides.
+
+    torchvision's MultiScaleRoIAlign guesses each level's scale once, on its first call, from the padded feature
+    size over the largest image's: with the canvas's padding (a 375 px high image on an 800 px canvas) that
+    guess comes out twice too large, for good. So the scales are set here, from one small forward of the backbone
+    in eval mode (its BatchNorm statistics stay as they are).
+    """
+    import torch
+    from torchvision.ops.poolers import _setup_scales
+
+    t = model.transform
+    model.transform = _canvas_transform_class()(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                                size_divisible=t.size_divisible, fixed_size=t.fixed_size,
+                                                _skip_resize=t._skip_resize)
+    heads = getattr(model, "roi_heads", None)
+    if heads is None:
+        return
+    side, training = 256, model.backbone.training  # 256: a multiple of every stride, so the scales are exact
+    model.backbone.eval()
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, side, side))
+    model.backbone.train(training)
+    for pool in (heads.box_roi_pool, heads.mask_roi_pool):
+        if pool is not None:
+            pool.scales, pool.map_levels = _setup_scales([features[k] for k in pool.featmap_names], [(side, side)],
+                                                         pool.canonical_scale, pool.canonical_level)
 
 
 def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_per_img: int) -> dict:

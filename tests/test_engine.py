@@ -138,7 +138,7 @@ def test_deferred_sync_keeps_the_rows_before_the_bad_iteration(tiny_coco):
 
 def test_speed_levers_are_applied_and_off_leaves_the_model_as_it_was(tiny_coco, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)  # compiling takes ~1 min
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append((fn, k["dynamic"])) or fn)  # ~1 min
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     model = tiny_model()
     keys = list(model.state_dict())
@@ -148,7 +148,10 @@ def test_speed_levers_are_applied_and_off_leaves_the_model_as_it_was(tiny_coco, 
     assert torch.backends.cudnn.benchmark is True
     conv = model.backbone.body.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert compiled == [model.backbone._call_impl] and list(model.state_dict()) == keys  # same checkpoint keys
+    assert compiled == [(model.backbone._call_impl, None)] and list(model.state_dict()) == keys  # same keys
+    other = tiny_model()
+    engine.speed_up(other, compile=True, static_shapes=True)  # model.fixed_canvas: one graph per canvas, not dynamic
+    assert compiled[1:] == [(other.backbone._call_impl, False)]
     loader = engine.train_loader(CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw"), 4, 0,
                                  engine.seed_everything(0), CPU)
     optimizer = engine.build_optimizer(model, lr=0.01)
@@ -250,7 +253,8 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
     assert type(load_checkpoint(tmp_path / "out/model.pt")[0].transform).__name__ == "CanvasTransform"
     assert seen["train_loader"].items() >= {"pin_memory": False, "prefetch_factor": 3,
                                             "persistent_workers": True}.items()
-    assert seen["speed_up"] == {"channels_last": True, "compile": True, "cudnn_benchmark": True}
+    assert seen["speed_up"] == {"channels_last": True, "compile": True, "cudnn_benchmark": True,
+                                "static_shapes": True}  # model.fixed_canvas: one compiled graph per canvas
     assert seen["build_optimizer"]["fused"] is True and seen["train_one_epoch"]["deferred_sync"] is False
     assert torch.backends.cudnn.benchmark is True and (tmp_path / "out/model.pt").is_file()
 
@@ -430,13 +434,14 @@ def test_gpu_train_bench_smoke_runs_every_loop_and_the_profile_without_pycocotoo
     assert "ratio_to_plain" not in results[0] and all(r["ratio_to_plain"] > 0 for r in results[1:])
     assert "/plain" in done.stdout and "ours-worker-decode" in done.stdout
     profile = (tmp_path / "profile.txt").read_text()
-    assert profile.startswith("fcos_resnet50_fpn ours fp32: ") and "aten::convolution_backward" in profile
-    done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--photo-sizes", "--loops", "plain", "ours-canvas",
-               "--json", str(tmp_path / "canvas.json"))  # images of many sizes; fixed_canvas with grouped batches
+    assert profile.startswith("fcos_resnet50_fpn ours fp32: ") and "Self CPU time total" in profile
+    done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--photo-sizes", "--loops", "plain", "ours-grouped",
+               "ours-canvas", "--json", str(tmp_path / "canvas.json"))  # images of many sizes; grouped; canvas
     assert done.returncode == 0, done.stderr
     bench = json.loads((tmp_path / "canvas.json").read_text())
     assert bench["setup"]["image_size"] == "photo-like mix"
-    assert [r["loop"] for r in bench["results"]] == ["plain", "ours-canvas"] and bench["results"][1]["img_per_s"] > 0
+    assert [r["loop"] for r in bench["results"]] == ["plain", "ours-grouped", "ours-canvas"]
+    assert all(r["img_per_s"] > 0 for r in bench["results"])
     masks = ("from pathlib import Path; from benchmarks import gpu_train_bench as b; "
              f"coco = b.make_images(Path({str(tmp_path / 'imgs')!r}), 2, 3, 40, 60); "
              "image, target = b.CocoDetection(coco, coco.parent, with_masks=True)[2]; "

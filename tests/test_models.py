@@ -3,6 +3,7 @@ here, never from the internet) or file, post-processing params passed through.""
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -219,7 +220,7 @@ def test_other_models_ignore_pyramid_levels_and_backbone_stages(name):
     (800, 800, 800, 1333, (800, 1344)),  # square: the landscape canvas holds it
     (1333, 1333, 800, 1333, (1344, 1344)),  # a batch that mixes orientations
     (96, 96, 96, 96, (96, 96)),  # the default's square images: as without it
-    (90, 70, 96, 64, (96, 96)),  # max_size below min_size: L is S
+    (43, 64, 96, 64, (64, 64)),  # max_size below min_size: every side is at most max_size
     (2000, 100, 800, 1333, (2016, 128)),  # larger than every canvas (not resized): padded as torchvision does
 ])
 def test_canvas_size_is_the_first_fixed_canvas_that_holds_the_batch(height, width, min_size, max_size, canvas):
@@ -257,6 +258,51 @@ def test_fixed_canvas_pads_batches_to_three_shapes_and_keeps_the_images_and_weig
     assert all(torch.isfinite(v) for v in losses.values())
     out = canvas.eval()([torch.rand(3, 50, 70)])[0]["boxes"]
     assert out.numel() == 0 or (out[:, 2].max() <= 70 and out[:, 3].max() <= 50)  # clipped to the image
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "maskrcnn"])
+def test_fixed_canvas_sets_the_roi_poolers_scales_whatever_the_first_batch(name):
+    """A wide first image leaves half the canvas's height as padding; torchvision's RoI poolers would guess their
+    scales from that first batch twice too large, for good. They are the backbone's strides (1/4 ... 1/32)."""
+    torch.manual_seed(0)
+    plain = build_model(name, "resnet10", 3, min_size=96, max_size=96, fpn_channels=64).eval()
+    torch.manual_seed(0)
+    canvas = build_model(name, "resnet10", 3, min_size=96, max_size=96, fpn_channels=64, fixed_canvas=True).eval()
+    assert digest(canvas) == digest(plain)  # the scales come from an eval-mode forward: BatchNorm stats untouched
+    with torch.no_grad():
+        plain([torch.rand(3, 96, 96)])  # square: torchvision's guess is right
+        boxes = canvas([torch.rand(3, 60, 120)])[0]["boxes"]  # resized to 48x96, padded to 96x96
+    pools = lambda m: [p for p in (m.roi_heads.box_roi_pool, m.roi_heads.mask_roi_pool) if p is not None]
+    assert len(pools(canvas)) == (2 if name == "maskrcnn" else 1)
+    for a, b in zip(pools(plain), pools(canvas)):
+        assert b.scales == a.scales == [0.25, 0.125, 0.0625, 0.03125]
+        assert (b.map_levels.k_min, b.map_levels.k_max) == (a.map_levels.k_min, a.map_levels.k_max)
+    assert boxes.numel() == 0 or (boxes[:, 2].max() <= 120 and boxes[:, 3].max() <= 60)
+
+
+def test_a_canvas_model_unpickles_and_predicts_without_detpipe(tmp_path):
+    """MLflow logs the model with cloudpickle: the canvas class travels by value, so it loads where detpipe is not
+    installed (as tests/test_tracking.py checks for the default model) and predicts as here."""
+    import cloudpickle
+
+    torch.manual_seed(0)
+    model = build_model("fasterrcnn", "resnet10", 3, min_size=64, max_size=96, fpn_channels=64,
+                        fixed_canvas=True).eval()
+    image = torch.rand(3, 50, 70)
+    with torch.no_grad():
+        want = model([image])[0]
+    (tmp_path / "model.pkl").write_bytes(cloudpickle.dumps(model))
+    torch.save(image, tmp_path / "image.pt")
+    code = ("import json, pickle, sys, torch; sys.modules['detpipe'] = None; "
+            "m = pickle.loads(open('model.pkl', 'rb').read()); x = torch.load('image.pt'); "
+            "shape = list(m.transform([x])[0].tensors.shape[-2:]); out = m([x])[0]; "
+            "print(json.dumps([type(m.transform).__name__, shape, out['boxes'].tolist(), out['scores'].tolist()]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, shape, boxes, scores = json.loads(done.stdout)
+    assert name == "CanvasTransform" and shape == [64, 96]
+    assert torch.allclose(torch.tensor(boxes).reshape(-1, 4), want["boxes"]) and scores == want["scores"].tolist()
 
 
 def test_ssd_models_ignore_fixed_canvas():
