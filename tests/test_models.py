@@ -283,7 +283,8 @@ def test_fixed_canvas_sets_the_roi_poolers_scales_whatever_the_first_batch(name)
 def test_a_canvas_model_unpickles_and_predicts_without_detpipe(tmp_path):
     """MLflow logs the model with cloudpickle: the canvas class travels by value, so the model loads where detpipe is
     not installed (as tests/test_tracking.py checks for the default model), pads its batch as here and predicts.
-    (Its untrained boxes are not compared: near-tied scores can order differently in another process.)"""
+    (Within float rounding: the resize's kernels can round differently in another process, and then an untrained
+    model's near-tied boxes come out in another order, so those are not compared.)"""
     import cloudpickle
 
     torch.manual_seed(0)
@@ -295,7 +296,7 @@ def test_a_canvas_model_unpickles_and_predicts_without_detpipe(tmp_path):
     code = ("import json, pickle, sys, torch; sys.modules['detpipe'] = None; "
             "m = pickle.loads(open('model.pkl', 'rb').read()); io = torch.load('io.pt'); "
             "batch = m.transform([io['image']])[0].tensors; out = m([io['image']])[0]; "
-            "print(json.dumps([type(m.transform).__name__, torch.equal(batch, io['batch']), "
+            "print(json.dumps([type(m.transform).__name__, torch.allclose(batch, io['batch'], atol=1e-4), "
             "list(out['boxes'].shape[1:]), m.roi_heads.box_roi_pool.scales]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
