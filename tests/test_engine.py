@@ -450,3 +450,18 @@ def test_gpu_train_bench_smoke_runs_every_loop_and_the_profile_without_pycocotoo
              "assert (target['masks'] != plain).float().mean() < 0.1")  # rounding may move an edge by a pixel
     done = run("-c", masks)  # Mask R-CNN's box masks, in both loops
     assert done.returncode == 0, done.stderr
+
+
+def test_profile_train_profiles_the_default_in_both_layouts(tmp_path):
+    """benchmarks/profile_train at toy length: the default's iteration in NCHW and NHWC, with the operators the
+    docs quote (max-pooling, the convolutions) in both tables."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_train", "--images", "32", "--warmup", "1",
+                           "--iters", "2", "--json", str(tmp_path / "p.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert [r["channels_last"] for r in rows] == [False, True]
+    for row in rows:
+        assert row["ms_per_iter"] > 0
+        assert {"aten::max_pool2d_with_indices", "aten::mkldnn_convolution",
+                "aten::convolution_backward"} <= set(row["self_cpu_ms"])
