@@ -212,7 +212,7 @@ def build_dataset(cfg: config_mod.Config, split: str = "train", data_dir="data/c
     """A converted split as a torch Dataset; the train split gets the training augmentation of ``cfg``."""
     transforms = train_transforms(cfg.train.hflip, cfg.seed + 1, cfg.train.scale_range) if split == "train" else None
     return CocoDetection(Path(data_dir) / f"{split}.json", Path(image_root), with_masks=has_masks(cfg.model.name),
-                         transforms=transforms)
+                         transforms=transforms, mask_targets=cfg.train.mask_targets)
 
 
 def build_detector(cfg: config_mod.Config, num_classes: int):

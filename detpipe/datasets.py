@@ -9,8 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detpipe.errors import DetpipeError
 from detpipe.files import read_json
-from detpipe.images import ann_mask, read_rgb
+from detpipe.images import ann_crop, ann_mask, read_rgb
+
+MASK_TARGETS = ("cropped", "full", "none")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -20,14 +23,22 @@ class CocoDetection(torch.utils.data.Dataset):
     With ``encoded`` (``train.gpu_decode``), a plain JPEG (RGB or grayscale, no EXIF rotation) comes as its file's
     bytes, a 1-D uint8 tensor, with its target not yet transformed: :func:`decode_on_device` finishes both in
     the training loop. Other images are decoded here, as without it.
+
+    ``with_masks``: the set is a mask model's (its evaluation scores segm too); ``mask_targets`` says how its targets
+    hold the objects' masks (``train.mask_targets``): ``full``, torchvision's ``masks``, one image-sized bitmap per
+    object; ``cropped``, each object's bitmap cut to the object (:func:`cropped_masks`); ``none``, no masks (what
+    prediction needs: validation and evaluation).
     """
 
     def __init__(self, coco_file: Path, image_root: Path, with_masks: bool = False, transforms=None,
-                 encoded: bool = False):
+                 encoded: bool = False, mask_targets: str = "full"):
+        if mask_targets not in MASK_TARGETS:
+            raise DetpipeError(f"mask targets {mask_targets!r}: choose one of {', '.join(MASK_TARGETS)}")
         self.coco_file = Path(coco_file)
         self.coco = read_json(coco_file, "COCO file")
         self.image_root = Path(image_root)
         self.with_masks = with_masks
+        self.mask_targets = mask_targets if with_masks else "none"
         self.transforms = transforms
         self.encoded = encoded
         self.cat_ids = [c["id"] for c in self.coco["categories"]]
@@ -58,14 +69,35 @@ class CocoDetection(torch.utils.data.Dataset):
             "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
             "image_id": info["id"],
         }
-        if self.with_masks:
+        if self.mask_targets == "full":
             masks = np.zeros((len(anns), info["height"], info["width"]), dtype=np.uint8)
             for i, ann in enumerate(anns):
                 masks[i] = ann_mask(ann, info["height"], info["width"])
             target["masks"] = torch.from_numpy(masks)
+        elif self.mask_targets == "cropped":
+            target.update(cropped_masks(anns, info["height"], info["width"]))
         if self.transforms is not None and not encoded:
             image, target = self.transforms(image, target)
         return image, target
+
+
+def cropped_masks(anns: list[dict], height: int, width: int) -> dict:
+    """The objects' masks cut to each object, as a target's ``mask_crops`` and ``mask_frames``.
+
+    ``mask_crops`` (N x h x w uint8) stacks :func:`ann_crop`'s crops, each at the top left, zeros elsewhere;
+    ``mask_frames`` (N x 4 float32) places each in the image: ``(ox, oy, sx, sy)`` such that the point ``u`` of
+    a crop (pixel edges at integers, as for ``x``) lies at ``x = (ox + u / sx) * width`` of the image, and likewise
+    for ``y``. Coordinates relative to the image's size survive the model's resize; the transforms of
+    :mod:`detpipe.transforms` move the frames, and the model's RoI heads sample the crops where its proposals lie.
+    """
+    crops = [ann_crop(ann, height, width) for ann in anns]
+    stack = np.zeros((len(crops), max((c.shape[0] for c, _, _ in crops), default=1),
+                      max((c.shape[1] for c, _, _ in crops), default=1)), dtype=np.uint8)
+    frames = np.zeros((len(crops), 4), dtype=np.float32)
+    for i, (crop, x0, y0) in enumerate(crops):
+        stack[i, :crop.shape[0], :crop.shape[1]] = crop
+        frames[i] = (x0 / width, y0 / height, width, height)
+    return {"mask_crops": torch.from_numpy(stack), "mask_frames": torch.from_numpy(frames)}
 
 
 def _plain_jpeg(path: Path) -> bool:

@@ -69,7 +69,7 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, train_dir: Path, o
     if checkpoint is None:
         run_info = read_json_keys(train_dir / "run.json", "training run record", RUN_KEYS)
         run = tracking.Run.existing(run_info["run_id"], train_dir / "run.json")
-    dataset = CocoDetection(split_file, image_root, with_masks=has_masks(meta["model"]["name"]))
+    dataset = CocoDetection(split_file, image_root, with_masks=has_masks(meta["model"]["name"]), mask_targets="none")
     if dataset.class_names != meta["classes"]:
         raise DetpipeError(f"{split_file}: classes {dataset.class_names} differ from the model's "
                            f"{meta['classes']} ({model_file}); evaluate a model trained on these classes")

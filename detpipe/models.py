@@ -114,6 +114,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
         _live_box_regression(model)
     if fixed_canvas and "ssd" not in name:
         _use_canvas(model)
+    if name in MASK_MODELS:  # also trains on mask targets cropped to the objects (train.mask_targets)
+        model.roi_heads.__class__ = _crop_aware_heads_class()
     model.weights_not_loaded = []
     if weights and load:
         try:
@@ -203,6 +205,55 @@ def _use_canvas(model) -> None:
         if pool is not None:
             pool.scales, pool.map_levels = _setup_scales([features[k] for k in pool.featmap_names], [(side, side)],
                                                          pool.canonical_scale, pool.canonical_level)
+
+
+@functools.cache
+def _crop_aware_heads_class():
+    # Self-contained, as _canvas_transform_class: a logged mask model loads where detpipe is not installed.
+    import torch
+    from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
+
+    class CropAwareRoIHeads(RoIHeads):
+        """torchvision's RoIHeads; in training they also take masks cut to their objects (targets with
+        ``mask_crops`` and ``mask_frames``, :func:`detpipe.datasets.cropped_masks`) instead of image-sized ``masks``.
+
+        Each positive proposal's 28x28 mask target is torchvision's (``roi_align`` of its object's mask over the
+        proposal), sampled from the object's crop at the proposal's place in it rather than from an image-sized
+        bitmap resized with the image. Everything else is torchvision's: sampling, losses, inference.
+        """
+
+        @staticmethod
+        def boxes_in_crops(boxes, frames, image_shape):
+            """``boxes`` of the resized image (x1, y1, x2, y2, as ``roi_align`` reads them: pixel i at i) in the
+            coordinates of their crops (``frames``, one row per box), read the same way."""
+            height, width = image_shape
+            size = boxes.new_tensor([width, height, width, height])
+            origin, scale = frames[:, [0, 1, 0, 1]], frames[:, [2, 3, 2, 3]]
+            return ((boxes + 0.5) / size - origin) * scale - 0.5
+
+        def check_targets(self, targets):
+            cropped = targets is not None and all("mask_crops" in t and "mask_frames" in t for t in targets)
+            super().check_targets([dict(t, masks=t["mask_crops"]) for t in targets] if cropped else targets)
+
+        def forward(self, features, proposals, image_shapes, targets=None):
+            if not (self.training and targets and "mask_crops" in targets[0]):
+                return super().forward(features, proposals, image_shapes, targets)
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+            box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+            class_logits, box_regression = self.box_predictor(box_features)
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            positive = [torch.where(image_labels > 0)[0] for image_labels in labels]
+            mask_proposals = [p[i] for p, i in zip(proposals, positive)]
+            matched = [m[i] for m, i in zip(matched_idxs, positive)]
+            mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
+            mask_logits = self.mask_predictor(mask_features)
+            in_crops = [self.boxes_in_crops(p, t["mask_frames"][m], shape)
+                        for p, m, t, shape in zip(mask_proposals, matched, targets, image_shapes)]
+            loss_mask = maskrcnn_loss(mask_logits, in_crops, [t["mask_crops"] for t in targets],
+                                      [t["labels"] for t in targets], matched)
+            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+    return CropAwareRoIHeads
 
 
 def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_per_img: int) -> dict:

@@ -66,8 +66,8 @@ def _datasets(cfg: config.Config, data_dir: Path, image_root: Path,
     masks = has_masks(cfg.model.name)
     train_set = CocoDetection(data_dir / "train.json", image_root, with_masks=masks,
                               transforms=train_transforms(cfg.train.hflip, cfg.seed + 1 + rank, cfg.train.scale_range),
-                              encoded=cfg.train.gpu_decode)
-    val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=masks)
+                              encoded=cfg.train.gpu_decode, mask_targets=cfg.train.mask_targets)
+    val_set = CocoDetection(data_dir / "val.json", image_root, with_masks=masks, mask_targets="none")  # predicts only
     if len(train_set) == 0:
         raise DetpipeError(f"{data_dir / 'train.json'}: the train split has no images")
     if masks and not any("segmentation" in a for a in train_set.coco["annotations"]):

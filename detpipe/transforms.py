@@ -1,6 +1,7 @@
 """Training augmentation as ``(image, target) -> (image, target)`` transforms of the dataset, seeded.
 
-Images are uint8 CHW tensors, targets torchvision's dicts (``boxes`` x1, y1, x2, y2; optional ``masks``).
+Images are uint8 CHW tensors, targets torchvision's dicts (``boxes`` x1, y1, x2, y2; optional ``masks``, or
+``mask_crops`` with their ``mask_frames``: :func:`detpipe.datasets.cropped_masks`).
 A random transform draws from its own ``torch.Generator``: the same seed and data order give the same
 augmentation. With DataLoader workers, :func:`seed_worker` gives each worker its own stream.
 """
@@ -36,7 +37,7 @@ class Compose:
 
 
 class RandomHorizontalFlip:
-    """Flip image, boxes and masks left-right with probability ``prob`` (no draw at all when it is 0)."""
+    """Flip image, boxes and masks (or mask crops) left-right with probability ``prob`` (no draw when it is 0)."""
 
     def __init__(self, prob: float, seed: int):
         self.prob = prob
@@ -55,6 +56,10 @@ class RandomHorizontalFlip:
         target["boxes"] = boxes
         if "masks" in target:
             target["masks"] = target["masks"].flip(-1)
+        if "mask_crops" in target:  # the stack flips whole: its point u moves to w - u, x to 1 - x (of the width)
+            crops, frames = target["mask_crops"], target["mask_frames"].clone()
+            frames[:, 0] = 1 - frames[:, 0] - crops.shape[-1] / frames[:, 2]
+            target["mask_crops"], target["mask_frames"] = crops.flip(-1), frames
         return image.flip(-1), target
 
 
@@ -99,6 +104,12 @@ class RandomScale:
             part = masks[:, y0:y0 + height, x0:x0 + width]
             out_masks[:, :part.shape[1], :part.shape[2]] = part
             target["masks"] = out_masks[keep]
+        if "mask_crops" in target:  # the crops stay as they are; their frames move with the image
+            frames = target["mask_frames"].clone()
+            for axis, (f, shift, size) in enumerate(((new_w / width, x0, width), (new_h / height, y0, height))):
+                frames[:, axis] = frames[:, axis] * f - shift / size
+                frames[:, axis + 2] = frames[:, axis + 2] / f
+            target["mask_crops"], target["mask_frames"] = target["mask_crops"][keep], frames[keep]
         return out, target
 
 
