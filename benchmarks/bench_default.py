@@ -85,7 +85,8 @@ def training(root: Path) -> dict:
                      for r in csv.DictReader(f)}
     return {"bbox_mAP": metrics["bbox_mAP"], "bbox_mAP_50": metrics["bbox_mAP_50"], "AP_50_per_class": per_class,
             "train_img_per_s": round(sum(speed) / len(speed), 1), "val_mAP_50_per_epoch": curve,
-            "val_share": round(val_s / sum(float(r["train/seconds"]) for r in log), 4)}
+            "val_share": round(val_s / sum(float(r["train/seconds"]) for r in log), 4),
+            **{k: metrics[k] for k in ("segm_mAP", "segm_mAP_50") if k in metrics}}  # mask models
 
 
 def stage_cmd(name: str, seed: int, overrides: list[str]) -> list[str]:
@@ -153,7 +154,8 @@ def main() -> None:
     for r in runs:
         print(f"{r['seed']:>4} {r['kernels']:<8}{r['train_s']:>9}{r['train_img_per_s']:>7}"
               f"{100 * r['val_share']:>7.1f}{r['bbox_mAP']:>8.3f}"
-              f"{r['bbox_mAP_50']:>8.3f}  {' '.join(f'{v:.3f}' for v in r['val_mAP_50_per_epoch'])}")
+              f"{r['bbox_mAP_50']:>8.3f}  {' '.join(f'{v:.3f}' for v in r['val_mAP_50_per_epoch'])}"
+              + (f"  segm mAP {r['segm_mAP']:.3f}, mAP50 {r['segm_mAP_50']:.3f}" if "segm_mAP" in r else ""))
     ranges = {name: [r["AP_50_per_class"][name] for r in runs if r["AP_50_per_class"][name] is not None]
               for name in runs[0]["AP_50_per_class"]}
     print("AP@0.5 per class over the runs: " + "; ".join(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/performance.md and docs/models.md, in one call on a lent GPU machine: the steps below in
-# order, as many as fit in GPU_SESSION_SECONDS (9 minutes by default; all of them need about 16).
+# order, as many as fit in GPU_SESSION_SECONDS (9 minutes by default; all of them need about 17).
 #
 #   bash ../shared/gpu/fetch-wheels     # here: MLflow's and pycocotools' wheels into .whl (Python 3.12), then
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -12,13 +12,15 @@
 #   1. canvas: benchmarks.gpu_train_bench --photo-sizes, bf16: images of many sizes, the plain loop, ours (worker
 #      decode), ours with batches grouped by orientation, and that with model.fixed_canvas; Faster R-CNN and
 #      RetinaNet (never measured)
-#   2. train_bench: benchmarks.gpu_train_bench, bf16: the plain torchvision loop, ours with nvJPEG decode, ours
+#   2. masks: benchmarks.gpu_train_bench, Mask R-CNN, bf16: the plain loop, ours (masks cut to the objects, the
+#      default), ours with image-sized masks (train.mask_targets: full) (never measured)
+#   3. train_bench: benchmarks.gpu_train_bench, bf16: the plain torchvision loop, ours with nvJPEG decode, ours
 #      with worker decode, 4 models; then a torch.profiler table of ours on Faster R-CNN (profile.txt)
-#   3. default: benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
-#   4. stages: benchmarks.gpu_check: the train and evaluate stages with fp16 + gradient scaler, DDP under torchrun
-#   5. train_fp32: benchmarks.gpu_train_bench in fp32, plain against ours
-#   6. infer: benchmarks.bench_infer --device cuda: inference img/s per model family
-#   7. compile: benchmarks.gpu_train_bench --compile (Faster R-CNN, bf16)
+#   4. default: benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
+#   5. stages: benchmarks.gpu_check: the train and evaluate stages with fp16 + gradient scaler, DDP under torchrun
+#   6. train_fp32: benchmarks.gpu_train_bench in fp32, plain against ours
+#   7. infer: benchmarks.bench_infer --device cuda: inference img/s per model family
+#   8. compile: benchmarks.gpu_train_bench --compile (Faster R-CNN, bf16)
 # Writes $OUT/session.log (every step's output) and one JSON per step. Exit status: 1 if a step failed, else 3 if
 # one was skipped, else 0. GPU_SESSION_SMOKE=1 runs each step at
 # toy sizes on the CPU, to catch a broken step before device time is spent on it; GPU_SESSION_STEPS="infer compile"
@@ -30,7 +32,7 @@ log=$out/session.log
 budget=${GPU_SESSION_SECONDS:-540}
 smoke=${GPU_SESSION_SMOKE:-0}
 py=${PYTHON:-python3}
-steps=" ${GPU_SESSION_STEPS:-canvas train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
+steps=" ${GPU_SESSION_STEPS:-canvas masks train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
 export PYTHONUNBUFFERED=1
 failed=0
 skipped=0
@@ -70,6 +72,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, what is
 if [ "$smoke" = 1 ]; then
   step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --loops plain ours-worker-decode \
     ours-grouped ours-canvas --json "$out/gpu_train_canvas.json"
+  step masks 300 $py -m benchmarks.gpu_train_bench --smoke --models maskrcnn_resnet50_fpn --amp on \
+    --loops plain ours-worker-decode ours-full-masks --json "$out/gpu_train_masks.json"
   step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --json "$out/gpu_train_bench.json" \
     --profile "$out/profile.txt"
   step default 600 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
@@ -82,6 +86,8 @@ else
   step canvas 180 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --loops plain ours-worker-decode \
     ours-grouped ours-canvas --models fasterrcnn_resnet50_fpn retinanet_resnet50_fpn \
     --json "$out/gpu_train_canvas.json"
+  step masks 90 $py -m benchmarks.gpu_train_bench --models maskrcnn_resnet50_fpn --amp on \
+    --loops plain ours-worker-decode ours-full-masks --json "$out/gpu_train_masks.json"
   step train_bench 230 $py -m benchmarks.gpu_train_bench --amp on --json "$out/gpu_train_bench.json" \
     --profile "$out/profile.txt"
   step default 160 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"

@@ -18,7 +18,10 @@ bf16 autocast) trains, on the same images and batches of 8:
   false``): no drain, a pinned uint8 copy per image instead;
 * ``ours-grouped`` and ``ours-canvas`` (asked for by ``--loops``, for ``--photo-sizes``: images of many sizes):
   ``ours-worker-decode`` with batches grouped by orientation (``train.group_aspect_ratio``), and that with
-  ``model.fixed_canvas`` too (compiled with static shapes under ``--compile``): the canvas's share alone.
+  ``model.fixed_canvas`` too (compiled with static shapes under ``--compile``): the canvas's share alone;
+* ``ours-full-masks`` (asked for by ``--loops``): ``ours-worker-decode`` with torchvision's image-sized mask
+  targets (``train.mask_targets: full``); every other loop of ours has the default, masks cut to the objects:
+  for Mask R-CNN, the share of ``mask_targets`` alone.
 
 Prints images per second after the warm-up iterations, each loop's ratio to plain and peak GPU memory; writes
 JSON. ``--profile FILE`` then profiles ``ours`` on the first model (torch.profiler, the timed iterations) and
@@ -49,7 +52,7 @@ try:
 except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
     sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
 
-LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas")
+LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas", "ours-full-masks")
 MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 CLASSES = 5
 
@@ -184,7 +187,8 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
     else:
         engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks,
                         static_shapes=loop == "ours-canvas")
-        dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours")
+        dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours",
+                                mask_targets="full" if loop == "ours-full-masks" else "cropped")
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
                                      prefetch_factor=4, persistent_workers=args.workers > 0,
                                      group_aspect_ratio=loop in ("ours-grouped", "ours-canvas"))

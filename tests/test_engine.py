@@ -442,6 +442,11 @@ def test_gpu_train_bench_smoke_runs_every_loop_and_the_profile_without_pycocotoo
     assert bench["setup"]["image_size"] == "photo-like mix"
     assert [r["loop"] for r in bench["results"]] == ["plain", "ours-grouped", "ours-canvas"]
     assert all(r["img_per_s"] > 0 for r in bench["results"])
+    done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--models", "maskrcnn_resnet50_fpn", "--amp", "off",
+               "--loops", "plain", "ours-worker-decode", "ours-full-masks", "--json", str(tmp_path / "masks.json"))
+    assert done.returncode == 0, done.stderr  # Mask R-CNN on cropped masks (ours) and image-sized ones
+    assert [r["loop"] for r in json.loads((tmp_path / "masks.json").read_text())["results"]] == [
+        "plain", "ours-worker-decode", "ours-full-masks"]
     masks = ("from pathlib import Path; from benchmarks import gpu_train_bench as b; "
              f"coco = b.make_images(Path({str(tmp_path / 'imgs')!r}), 2, 3, 40, 60); "
              "image, target = b.CocoDetection(coco, coco.parent, with_masks=True)[2]; "

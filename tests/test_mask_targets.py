@@ -16,6 +16,7 @@ from detpipe.errors import DetpipeError
 from detpipe.images import ann_crop, ann_mask
 from detpipe.models import build_model
 from detpipe.transforms import RandomHorizontalFlip, RandomScale
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -227,3 +228,18 @@ def test_the_crop_aware_mask_model_unpickles_and_trains_without_detpipe(tiny_coc
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == ["CropAwareRoIHeads", ["loss_box_reg", "loss_classifier", "loss_mask",
                                                              "loss_objectness", "loss_rpn_box_reg"], True]
+
+
+def test_bench_mask_targets_measures_both_kinds_on_the_same_items(tmp_path):
+    """benchmarks/bench_mask_targets at toy sizes: both kinds load the same objects; the crops weigh less."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_mask_targets", "--images", "4", "--batch", "2",
+                           "--iters", "1", "--min-size", "96", "--max-size", "128", "--json",
+                           str(tmp_path / "m.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    full, cropped = json.loads((tmp_path / "m.json").read_text())["results"]
+    assert (full["mask_targets"], cropped["mask_targets"]) == ("full", "cropped")
+    assert full["objects_per_image"] == cropped["objects_per_image"] > 1
+    assert 0 < cropped["mask_target_kb_per_image"] < full["mask_target_kb_per_image"]
+    assert cropped["resized_mask_mb_per_batch"] > 0 < full["resized_mask_mb_per_batch"]  # which is less: the sizes'
+    assert all(np.isfinite(r["loss_mask"]).all() and r["train_s_per_iter"] > 0 for r in (full, cropped))
+    assert "cropped/full: loading" in done.stdout
