@@ -108,7 +108,7 @@ def measure(coco: Path, image_root: Path, kind: str, args) -> dict:
         optimizer.step()
         if i:  # the first one warms up
             iter_s.append(time.perf_counter() - start)
-            loss_mask.append(round(float(losses["loss_mask"]), 4))
+            loss_mask.append(round(losses["loss_mask"].item(), 4))
     return {"mask_targets": kind, "images": count, "objects_per_image": round(
                 sum(len(t["labels"]) for _, t in items) / count, 2),
             "load_ms_per_image": round(load_ms, 2),
