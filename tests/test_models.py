@@ -568,11 +568,13 @@ def test_weights_give_torchvisions_pretrained_layout(builder, monkeypatch):
     ours = build_model(builder, "resnet18", 91, min_size=64, max_size=64, weights="COCO_V1", load=False)
     ours.load_state_dict(state)
 
-    def layout(model):
-        return ([(n, type(m).__name__, getattr(m, "eps", None) if isinstance(m, FrozenBatchNorm2d) else None)
+    def layout(model):  # a class of ours counts as the torchvision class it derives from (mask models' RoI heads)
+        torch_class = lambda m: next(c for c in type(m).__mro__ if c.__module__.startswith("torch")).__name__
+        return ([(n, torch_class(m), getattr(m, "eps", None) if isinstance(m, FrozenBatchNorm2d) else None)
                  for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()])
 
     assert layout(ours) == layout(theirs)
+    assert (type(getattr(ours, "roi_heads", None)).__name__ == "CropAwareRoIHeads") == builder.startswith("maskrcnn")
     assert any(not p.requires_grad for p in ours.parameters()) != (builder == SMALL_BUILDER)
     assert digest(ours) == digest(theirs)
 
