@@ -31,7 +31,7 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, coco_file: Path, image_root: Path, with_masks: bool = False, transforms=None,
-                 encoded: bool = False, mask_targets: str = "full"):
+                 encoded: bool = False, mask_targets: str = "cropped"):
         if mask_targets not in MASK_TARGETS:
             raise DetpipeError(f"mask targets {mask_targets!r}: choose one of {', '.join(MASK_TARGETS)}")
         self.coco_file = Path(coco_file)

@@ -42,8 +42,8 @@ def ann_mask(ann: dict, height: int, width: int) -> np.ndarray:
 
 
 def ann_crop(ann: dict, height: int, width: int) -> tuple[np.ndarray, int, int]:
-    """:func:`ann_mask` cut to the pixels the object covers, with a border of one pixel: ``(crop, x0, y0)``, the
-    crop's pixel (0, 0) being the image's (x0, y0) (-1 where the object touches the image's edge).
+    """:func:`ann_mask` cut to the object's box (polygons: up to 2 px around their vertices), with a border of one
+    pixel: ``(crop, x0, y0)``, the crop's pixel (0, 0) being the image's (x0, y0) (-1 at the image's edge).
 
     Pasted back at (x0, y0), the crop is :func:`ann_mask` exactly within the image. The border is zero there and
     repeats the edge outside it: ``roi_align`` reads the last row and column of an image-sized bitmap up to the
@@ -83,7 +83,7 @@ def _moved(poly: list, x0: int, y0: int) -> list:
     (coordinates with one decimal hit them), so the moved values are those integers less ``5 * x0``, over 5. Moved
     values are positive (the box lies ``2`` px beyond the vertices); an axis not moved keeps its values.
     """
-    out = np.asarray(poly, dtype=np.float64).copy()
+    out = np.asarray(poly, dtype=np.float64)
     for axis, offset in ((0, x0), (1, y0)):
         if offset:
             upsampled = np.trunc(out[axis::2] * 5.0 + 0.5)  # pycocotools' rleFrPoly, in the same double arithmetic

@@ -226,18 +226,31 @@ def _crop_aware_heads_class():
         def boxes_in_crops(boxes, frames, image_shape):
             """``boxes`` of the resized image (x1, y1, x2, y2, as ``roi_align`` reads them: pixel i at i) in the
             coordinates of their crops (``frames``, one row per box), read the same way."""
-            height, width = image_shape
+            boxes, height, width = boxes.float(), *image_shape  # autocast hands bf16 proposals: too coarse here
             size = boxes.new_tensor([width, height, width, height])
             origin, scale = frames[:, [0, 1, 0, 1]], frames[:, [2, 3, 2, 3]]
             return ((boxes + 0.5) / size - origin) * scale - 0.5
 
+        @staticmethod
+        def cropped(targets) -> bool:
+            """Do ``targets`` hold cropped masks (all of them; a mix is an error)?"""
+            has = [("mask_crops" in t and "mask_frames" in t) for t in targets or []]
+            if any(has) and not all(has):
+                raise ValueError("every target needs mask_crops and mask_frames, or none of them")
+            return bool(has) and all(has)
+
         def check_targets(self, targets):
-            cropped = targets is not None and all("mask_crops" in t and "mask_frames" in t for t in targets)
+            cropped = self.cropped(targets)
             super().check_targets([dict(t, masks=t["mask_crops"]) for t in targets] if cropped else targets)
 
         def forward(self, features, proposals, image_shapes, targets=None):
-            if not (self.training and targets and "mask_crops" in targets[0]):
+            if not (self.training and self.cropped(targets)):
                 return super().forward(features, proposals, image_shapes, targets)
+            for t in targets:  # torchvision's checks
+                if not t["boxes"].is_floating_point():
+                    raise TypeError(f"target boxes must of float type, instead got {t['boxes'].dtype}")
+                if t["labels"].dtype != torch.int64:
+                    raise TypeError(f"target labels must of int64 type, instead got {t['labels'].dtype}")
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
             box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
             class_logits, box_regression = self.box_predictor(box_features)

@@ -105,12 +105,26 @@ class RandomScale:
             out_masks[:, :part.shape[1], :part.shape[2]] = part
             target["masks"] = out_masks[keep]
         if "mask_crops" in target:  # the crops stay as they are; their frames move with the image
-            frames = target["mask_frames"].clone()
+            crops, frames = target["mask_crops"], target["mask_frames"].clone()
+            if new_w < width or new_h < height:
+                crops = _clear_beyond_edges(crops, frames, new_w < width, new_h < height)
             for axis, (f, shift, size) in enumerate(((new_w / width, x0, width), (new_h / height, y0, height))):
                 frames[:, axis] = frames[:, axis] * f - shift / size
                 frames[:, axis + 2] = frames[:, axis + 2] / f
-            target["mask_crops"], target["mask_frames"] = target["mask_crops"][keep], frames[keep]
+            target["mask_crops"], target["mask_frames"] = crops[keep], frames[keep]
         return out, target
+
+
+def _clear_beyond_edges(crops, frames, right: bool, bottom: bool):
+    """Zoomed out, the image's right and bottom edges come inside it, with padding beyond: what crops hold past
+    them (their border, which repeats the edge for ``roi_align``) is cleared, as the padding clears full masks."""
+    crops = crops.clone()
+    for crop, (ox, oy, sx, sy) in zip(crops, frames.tolist()):
+        if right:  # the edge x = 1 (of the width) is at u = (1 - ox) * sx in the crop
+            crop[:, max(0, round((1 - ox) * sx)):] = 0
+        if bottom:
+            crop[max(0, round((1 - oy) * sy)):] = 0
+    return crops
 
 
 def train_transforms(hflip: float, seed: int, scale_range: tuple[float, float] = (1.0, 1.0)) -> Compose:

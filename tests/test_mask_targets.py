@@ -14,7 +14,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from detpipe.datasets import CocoDetection, cropped_masks
 from detpipe.errors import DetpipeError
 from detpipe.images import ann_crop, ann_mask
-from detpipe.models import build_model
+from detpipe.models import _crop_aware_heads_class, build_model
 from detpipe.transforms import RandomHorizontalFlip, RandomScale
 from tests.conftest import ROOT
 
@@ -68,9 +68,9 @@ def test_crops_paste_back_into_the_image_masks_exactly():
 def crop_targets(masks: torch.Tensor, boxes: torch.Tensor, frames: torch.Tensor, crops: torch.Tensor, idx,
                  image_shape) -> tuple[torch.Tensor, torch.Tensor]:
     """torchvision's 28x28 mask targets of ``boxes`` from the full ``masks``, and ours from the crops."""
-    heads = build_model("maskrcnn", "resnet10", 3, min_size=64, max_size=64, fpn_channels=64).roi_heads
     want = project_masks_on_boxes(masks, boxes, idx, 28)
-    got = project_masks_on_boxes(crops, heads.boxes_in_crops(boxes, frames[idx], image_shape), idx, 28)
+    got = project_masks_on_boxes(crops, _crop_aware_heads_class().boxes_in_crops(boxes, frames[idx], image_shape),
+                                 idx, 28)
     return want, got
 
 
@@ -120,7 +120,10 @@ def test_cropped_targets_are_torchvisions_targets_through_flips_and_the_models_r
     are closer through the zoom (about half the error when written) and as close through an 8.9x resize."""
     rng = np.random.default_rng(1)
     height, width = 90, 120
-    anns, full = objects(rng, height, width, 6)
+    anns, _ = objects(rng, height, width, 6)
+    anns += [{"segmentation": [[100.0, 60.0, 125.0, 55.0, 130.0, 95.0, 105.0, 80.0]]},  # over the right and bottom
+             {"segmentation": [[-5.0, -3.0, 20.0, 5.0, 10.0, 25.0]]}]  # and the left and top edges
+    full = torch.from_numpy(np.stack([ann_mask(a, height, width) for a in anns]))
     target = cropped_masks(anns, height, width)
     boxes, idx = proposals_near(rng, full)
     want, got = crop_targets(full, boxes, target["mask_frames"], target["mask_crops"], idx, (height, width))
@@ -135,8 +138,11 @@ def test_cropped_targets_are_torchvisions_targets_through_flips_and_the_models_r
                              (height, width))
     assert torch.allclose(got, want, atol=1e-4)
 
-    def errors(masks, frames, crops, truth_anns, shape):
+    def errors(masks, frames, crops, truth_anns, shape, content=None):
         truth = torch.from_numpy(np.stack([ann_mask(a, *shape) for a in truth_anns]))
+        if content is not None:  # zoomed out: the padding beyond the image's old right and bottom edges is no object
+            truth[:, round(content[1]):] = 0
+            truth[:, :, round(content[0]):] = 0
         boxes, idx = proposals_near(rng, truth)
         exact = project_masks_on_boxes(truth, boxes, idx, 28)
         theirs, ours = crop_targets(masks, boxes, frames, crops, idx, shape)
@@ -149,7 +155,7 @@ def test_cropped_targets_are_torchvisions_targets_through_flips_and_the_models_r
         shift = ((target["mask_frames"][:, :2] * torch.from_numpy(factor) - frames[:, :2])[0]).numpy() * [width,
                                                                                                           height]
         theirs, ours = errors(zoomed["masks"], frames, zoomed["mask_crops"], moved(anns, factor, shift),
-                              (height, width))
+                              (height, width), content=factor * [width, height] - shift)
         assert ours < min(theirs, 0.03), (low, high, float(ours), float(theirs))
 
     # the model's resize (as torchvision resizes masks: nearest, the scale recomputed from the sizes)
@@ -243,3 +249,45 @@ def test_bench_mask_targets_measures_both_kinds_on_the_same_items(tmp_path):
     assert cropped["resized_mask_mb_per_batch"] > 0 < full["resized_mask_mb_per_batch"]  # which is less: the sizes'
     assert all(np.isfinite(r["loss_mask"]).all() and r["train_s_per_iter"] > 0 for r in (full, cropped))
     assert "cropped/full: loading" in done.stdout
+
+
+def test_cropped_targets_are_mapped_in_float32_under_autocast():
+    """Under bf16 autocast the RPN hands bf16 proposals: their place in the crops is computed in float32 (in bf16 a
+    coordinate relative to an 800 px image rounds to steps of 2-4 px)."""
+    boxes = torch.tensor([[400.3, 300.7, 460.2, 380.9]])
+    frames = torch.tensor([[390 / 1067, 290 / 800, 1067.0, 800.0]])
+    heads = _crop_aware_heads_class()
+    assert torch.allclose(heads.boxes_in_crops(boxes, frames, (800, 1067)),
+                          boxes - torch.tensor([390.0, 290.0, 390.0, 290.0]), atol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = heads.boxes_in_crops(boxes.bfloat16(), frames, (800, 1067))
+    want = heads.boxes_in_crops(boxes.bfloat16().float(), frames, (800, 1067))
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3)
+
+
+def test_the_crop_aware_heads_refuse_mixed_or_mistyped_targets(tiny_coco):
+    dataset = CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw", with_masks=True, mask_targets="cropped")
+    (image, target), (other, full) = dataset[0], (dataset[1][0], dict(dataset[1][1]))
+    full.pop("mask_crops"), full.pop("mask_frames")
+    torch.manual_seed(0)
+    model = build_model("maskrcnn", "resnet10", 5, min_size=64, max_size=64, fpn_channels=64).train()
+    images = [image.float() / 255, other.float() / 255]
+    with pytest.raises(ValueError, match="every target needs mask_crops and mask_frames, or none of them"):
+        model(images, [target, dict(full, masks=torch.zeros(len(full["boxes"]), 64, 64, dtype=torch.uint8))])
+    with pytest.raises(TypeError, match="target labels must of int64 type"):
+        model(images[:1], [dict(target, labels=target["labels"].int())])
+
+
+def test_a_zoom_out_leaves_nothing_beyond_the_images_old_edges():
+    """A crop's border repeats the image's edge (for roi_align's reads up to it). Zoomed out, that edge comes inside
+    the image with padding beyond, where a full mask is empty: so is the crop there."""
+    height, width = 90, 120
+    anns = [{"segmentation": [[80.0, 20.0, 120.0, 20.0, 120.0, 90.0, 80.0, 90.0]]}]  # to the right and bottom edges
+    full = torch.from_numpy(np.stack([ann_mask(a, height, width) for a in anns]))
+    target = {"boxes": torch.tensor([[80.0, 20.0, 120.0, 90.0]]), "labels": torch.tensor([1]), "masks": full,
+              **cropped_masks(anns, height, width)}
+    _, zoomed = RandomScale(0.7, 0.7, 0)(torch.zeros(3, height, width, dtype=torch.uint8), target)
+    boxes = torch.tensor([[50.0, 10.0, 90.0, 70.0], [56.0, 14.0, 84.0, 63.0]])  # past the old edges (84, 63), and to
+    idx = torch.tensor([0, 0])
+    want, got = crop_targets(zoomed["masks"], boxes, zoomed["mask_frames"], zoomed["mask_crops"], idx, (height, width))
+    assert want.sum() > 100 and (got - want).abs().max() < 0.5
