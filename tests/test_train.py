@@ -234,3 +234,18 @@ def test_early_stop_needs_a_metric_to_watch(tiny_params):
 
     with pytest.raises(DetpipeError, match="train.early_stop needs a train.best_metric"):
         config.load(tiny_params, ["train.early_stop=2"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_targets", ["cropped", "full"])
+def test_the_train_stage_trains_a_mask_model_on_either_mask_targets(converted, tmp_path, mask_targets):
+    """Through the stage script: Mask R-CNN on masks cut to the objects (the default) or image-sized ones, scored in
+    segm at validation, with the choice among the run's MLflow params."""
+    cwd = copy(converted, tmp_path / "p")
+    result = run_stage("train", cwd, "--set", "model.name=maskrcnn", "--set", "train.epochs=1",
+                       "--set", f"train.mask_targets={mask_targets}")
+    assert result.returncode == 0, result.stderr
+    assert log_rows(cwd)[0]["val/segm_mAP_50"] != ""
+    with sqlite3.connect(cwd / "mlflow.db") as db:
+        logged = dict(db.execute("select key, value from params where key like 'train.mask%'").fetchall())
+    assert logged == {"train.mask_targets": mask_targets}
