@@ -42,8 +42,8 @@ PARAM_SECTIONS = ("experiment", "seed", "device", "threads", "model", "train")
 MLFLOW_PARAMS = ("dataset", "preset", "seed", "model.*", "train.epochs", "train.batch_size", "train.optimizer",
                  "train.lr", "train.momentum", "train.weight_decay", "train.decay_norm_and_bias", "train.warmup_iters",
                  "train.lr_schedule", "train.milestones", "train.clip_grad_norm", "train.hflip", "train.scale_range",
-                 "train.group_aspect_ratio", "train.mask_targets", "train.amp", "train.amp_dtype", "train.processes", "train.val_interval",
-                 "train.best_metric", "train.early_stop", "train.load_from")
+                 "train.group_aspect_ratio", "train.mask_targets", "train.amp", "train.amp_dtype", "train.processes",
+                 "train.val_interval", "train.best_metric", "train.early_stop", "train.load_from")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -82,6 +82,22 @@ def tiny_params(tmp_path) -> Path:
     return write_tiny_params(tmp_path)
 
 
+def without_detpipe(folder: Path, model, inputs: dict, code: str):
+    """What ``code`` prints (JSON) in a fresh Python where detpipe cannot be imported, given ``m``: ``model`` pickled
+    as MLflow pickles it (cloudpickle), and ``io``: ``inputs`` saved with torch.save."""
+    import cloudpickle
+    import torch
+
+    (folder / "model.pkl").write_bytes(cloudpickle.dumps(model))
+    torch.save(inputs, folder / "io.pt")
+    code = ("import json, pickle, sys, torch; sys.modules['detpipe'] = None; "
+            "m = pickle.loads(open('model.pkl', 'rb').read()); io = torch.load('io.pt'); " + code)
+    done = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
 def run_stage(name: str, cwd: Path, *args: str, env=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args], cwd=cwd,

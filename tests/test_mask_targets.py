@@ -1,7 +1,6 @@
 """train.mask_targets: cropped: each object's mask cut to the object instead of an image-sized bitmap."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from detpipe.errors import DetpipeError
 from detpipe.images import ann_crop, ann_mask
 from detpipe.models import _crop_aware_heads_class, build_model
 from detpipe.transforms import RandomHorizontalFlip, RandomScale
-from tests.conftest import ROOT
+from tests.conftest import ROOT, without_detpipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -217,22 +216,14 @@ def test_prediction_sets_hold_no_masks_and_bad_choices_are_refused(tiny_coco):
 
 def test_the_crop_aware_mask_model_unpickles_and_trains_without_detpipe(tiny_coco, tmp_path):
     """MLflow logs the model with cloudpickle: the RoI heads' class travels by value (loads without detpipe)."""
-    import cloudpickle
-
     torch.manual_seed(0)
     model = build_model("maskrcnn", "resnet10", 5, min_size=64, max_size=64, fpn_channels=64)
     dataset = CocoDetection(tiny_coco / "coco/train.json", tiny_coco / "raw", with_masks=True, mask_targets="cropped")
     image, target = dataset[0]
-    (tmp_path / "model.pkl").write_bytes(cloudpickle.dumps(model))
-    torch.save({"image": image.float() / 255, "target": target}, tmp_path / "io.pt")
-    code = ("import json, pickle, sys, torch; sys.modules['detpipe'] = None; "
-            "m = pickle.loads(open('model.pkl', 'rb').read()).train(); io = torch.load('io.pt'); "
-            "losses = m([io['image']], [io['target']]); "
+    code = ("losses = m.train()([io['image']], [io['target']]); "
             "print(json.dumps([type(m.roi_heads).__name__, sorted(losses), bool(losses['loss_mask'] > 0)]))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout) == ["CropAwareRoIHeads", ["loss_box_reg", "loss_classifier", "loss_mask",
+    assert without_detpipe(tmp_path, model, {"image": image.float() / 255, "target": target}, code) == [
+        "CropAwareRoIHeads", ["loss_box_reg", "loss_classifier", "loss_mask",
                                                              "loss_objectness", "loss_rpn_box_reg"], True]
 
 
