@@ -55,7 +55,7 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
                 fpn_channels: int = 256, pretrained_backbone: bool = False, score_thresh: float = ARCH_DEFAULT,
                 nms_thresh: float = ARCH_DEFAULT, detections_per_img: int = ARCH_DEFAULT, weights: str = "",
                 load: bool = True, pyramid_levels: int = LEVELS, backbone_stages: int = STAGES,
-                fixed_canvas: bool = False):
+                fixed_canvas: bool = False, mask_head_channels: int | None = None):
     """A detector with ``num_classes`` outputs (background included) that resizes images to min/max_size.
 
     ``score_thresh``, ``nms_thresh`` and ``detections_per_img`` set its post-processing; -1 keeps the
@@ -73,6 +73,9 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
     ``fixed_canvas``: every batch is padded to one of three fixed sizes (:func:`canvas_size`) instead of to its
     largest image rounded up to 32 pixels, so the network sees a few input shapes only (for cuDNN's algorithm
     search and ``torch.compile``); SSD models, which resize to one square already, ignore it.
+    ``mask_head_channels``: the width of the small ``maskrcnn``'s mask head, ``fpn_channels`` when None (checkpoints
+    saved before the head followed the pyramid's width have torchvision's 256: :func:`load_checkpoint` reads it
+    from their weights).
 
     The small models without pretrained weights use trainable BatchNorm: torchvision's default FrozenBatchNorm
     keeps ImageNet statistics and never learns from scratch. SSD models resize to a square: the small ``ssdlite``
@@ -104,7 +107,8 @@ def build_model(name: str, backbone: str, num_classes: int, *, min_size: int, ma
             model = _build_small(name, backbone, num_classes, min_size=min_size, max_size=max_size, post=post,
                                  fpn_channels=fpn_channels, pretrained_backbone=pretrained_backbone,
                                  levels=pyramid_levels if one_stage else LEVELS,
-                                 stages=backbone_stages if one_stage else STAGES)
+                                 stages=backbone_stages if one_stage else STAGES,
+                                 mask_head_channels=mask_head_channels or fpn_channels)
     except OSError as exc:  # no internet for the ImageNet backbone weights
         if not pretrained_backbone:
             raise
@@ -283,7 +287,7 @@ def _postprocess(name: str, score_thresh: float, nms_thresh: float, detections_p
 
 
 def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channels, pretrained_backbone, post,
-                 levels=LEVELS, stages=STAGES):
+                 levels=LEVELS, stages=STAGES, mask_head_channels=256):
     from torch import nn
     from torchvision.models import detection as det
     from torchvision.models import resnet
@@ -338,8 +342,13 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
             ((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
     if name == "fasterrcnn":
         return det.FasterRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **post, **size)
-    if name == "maskrcnn":
-        return det.MaskRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **post, **size)
+    if name == "maskrcnn":  # torchvision's mask head (four 3x3 convolutions, then the predictor), as wide as asked
+        width = mask_head_channels
+        model = det.MaskRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **post, **size,
+                             mask_head=det.mask_rcnn.MaskRCNNHeads(fpn_channels, (width,) * 4, 1))
+        if width != 256:  # torchvision builds the predictor for its 256-wide head
+            model.roi_heads.mask_predictor = det.mask_rcnn.MaskRCNNPredictor(width, width, num_classes)
+        return model
     if name == "retinanet":
         return det.RetinaNet(body, num_classes=num_classes, **post, **size)
     # torchvision's score_thresh 0.2 costs recall
@@ -569,6 +578,13 @@ def load_weights(model, source: str, builder: str | None) -> list[str]:
     return [k for k in names if k not in fits]
 
 
+def _mask_head_width(state_dict) -> int | None:
+    """The small maskrcnn's mask-head width in a state dict (256 in checkpoints saved before it followed
+    ``fpn_channels``); None for the other models."""
+    weight = state_dict.get("roi_heads.mask_head.0.0.weight")
+    return None if weight is None else weight.shape[0]
+
+
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model saved by the train stage; returns ``(model, meta)`` with class names and ids."""
     import torch
@@ -588,7 +604,8 @@ def load_checkpoint(path, device="cpu"):
                             **post, weights=m.get("weights", ""), load=False,  # the layout: the weights are in ckpt
                             pyramid_levels=m.get("pyramid_levels", LEVELS),  # saved before the key: P3-P7
                             backbone_stages=m.get("backbone_stages", STAGES),
-                            fixed_canvas=m.get("fixed_canvas", False))
+                            fixed_canvas=m.get("fixed_canvas", False),
+                            mask_head_channels=_mask_head_width(ckpt["model"]))
         model.load_state_dict(ckpt["model"])
     except DetpipeError as exc:
         raise DetpipeError(f"{path}: {exc}") from None

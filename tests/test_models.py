@@ -57,7 +57,9 @@ def test_small_models_are_built_as_before_with_the_default_params(name, backbone
     assert defaults == {"weights": "", "score_thresh": -1.0, "nms_thresh": -1.0, "detections_per_img": -1,
                         "pyramid_levels": 5, "backbone_stages": 4, "fixed_canvas": False}
     torch.manual_seed(0)
-    model = build_model(name, backbone, 5, min_size=128, max_size=128, fpn_channels=fpn, **defaults)
+    # changed on purpose since: the small maskrcnn's mask head is as wide as the pyramid unless told otherwise
+    head = {"mask_head_channels": 256} if name == "maskrcnn" else {}
+    model = build_model(name, backbone, 5, min_size=128, max_size=128, fpn_channels=fpn, **defaults, **head)
     if name == "fcos":  # changed on purpose since: the box regression's bias starts at 1 (_live_box_regression)
         bias = model.head.regression_head.bbox_reg.bias
         assert torch.equal(bias, torch.ones_like(bias))
@@ -616,6 +618,32 @@ def test_ssdlite_builder_with_an_imagenet_backbone_reloads(monkeypatch, tmp_path
                tmp_path / "model.pt")
     loaded, _ = load_checkpoint(tmp_path / "model.pt")
     assert digest(loaded) == digest(model)
+
+
+def test_small_maskrcnn_mask_head_follows_the_pyramid_and_old_checkpoints_reload(tmp_path):
+    """The small maskrcnn's mask head is fpn_channels wide (torchvision's is 256, 3x slower on a CPU); a checkpoint
+    saved with the 256-wide head still loads as it was, since load_checkpoint reads the width from its weights."""
+    def mask_widths(model):
+        convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+        return [c.out_channels for c in convs], model.roi_heads.mask_predictor.conv5_mask.out_channels
+
+    assert mask_widths(build_model("maskrcnn", "resnet10", 3, min_size=64, max_size=64, fpn_channels=32)) == (
+        [32] * 4, 32)
+    params = {"name": "maskrcnn", "backbone": "resnet10", "fpn_channels": 32, "pretrained_backbone": False,
+              "min_size": 64, "max_size": 64}
+    images = [torch.rand(3, 64, 64)]
+    for width in (32, 256):
+        torch.manual_seed(0)
+        model = build_model("maskrcnn", "resnet10", 3, min_size=64, max_size=64, fpn_channels=32,
+                            mask_head_channels=width, score_thresh=0.0).eval()
+        torch.save({"model": model.state_dict(), "meta": {"model": {**params, "score_thresh": 0.0},
+                                                          "classes": ["a", "b"], "cat_ids": [1, 2]}},
+                   tmp_path / "model.pt")
+        loaded, _ = load_checkpoint(tmp_path / "model.pt")
+        assert mask_widths(loaded) == ([width] * 4, width) and digest(loaded) == digest(model)
+        with torch.no_grad():
+            expected, got = model(images)[0], loaded(images)[0]
+        assert len(got["masks"]) > 0 and torch.equal(got["masks"], expected["masks"])
 
 
 def test_checkpoints_rebuild_their_pyramid_levels(tmp_path):
