@@ -14,8 +14,9 @@ on the same images, augmentation draws and model seed:
 2. the model's transform of batches of ``--batch`` (torchvision resizes image-sized masks with the images to
    ``--min-size``/``--max-size``; crops are left as they are): ms per batch, and the bytes of masks after it
    (torchvision resizes them in float32, four times that, before making them bytes again);
-3. ``--iters`` training iterations of a small Mask R-CNN (ResNet-10, 64-channel FPN) at those sizes on this CPU,
-   after one untimed: seconds per iteration and the mask loss.
+3. ``--iters`` training iterations of a small Mask R-CNN (ResNet-10, 64-channel FPN, a mask head as wide or
+   ``--mask-head-channels`` wide) at those sizes on this CPU, after one untimed: seconds per iteration and the
+   mask loss.
 
 Figures are CPU figures; what the smaller copies and resizes give on a GPU is not measured here.
 """
@@ -84,7 +85,8 @@ def measure(coco: Path, image_root: Path, kind: str, args) -> dict:
     start, items = time.perf_counter(), [dataset[i] for i in range(count)]
     load_ms = (time.perf_counter() - start) / count * 1e3
     torch.manual_seed(args.seed)
-    model = build_model("maskrcnn", "resnet10", 2, min_size=args.min_size, max_size=args.max_size, fpn_channels=64)
+    model = build_model("maskrcnn", "resnet10", 2, min_size=args.min_size, max_size=args.max_size, fpn_channels=64,
+                        mask_head_channels=args.mask_head_channels)
     batches = [items[i:i + args.batch] for i in range(0, count - args.batch + 1, args.batch)]
     as_input = lambda batch: ([im.float() / 255 for im, _ in batch], [dict(t) for _, t in batch])
     transform_s, resized_bytes = 0.0, 0
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--hflip", type=float, default=0.5)
     parser.add_argument("--scale-range", type=float, nargs=2, default=[0.8, 1.25])
+    parser.add_argument("--mask-head-channels", type=int, help="the mask head's width (default: the FPN's, 64; "
+                        "256 is torchvision's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

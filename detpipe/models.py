@@ -228,12 +228,18 @@ def _crop_aware_heads_class():
 
         @staticmethod
         def boxes_in_crops(boxes, frames, image_shape):
-            """``boxes`` of the resized image (x1, y1, x2, y2, as ``roi_align`` reads them: pixel i at i) in the
-            coordinates of their crops (``frames``, one row per box), read the same way."""
+            """``boxes`` of the resized image (x1, y1, x2, y2, pixel edges at integers) in the coordinates of
+            their crops (``frames``, one row per box) as ``roi_align`` reads them (pixel i at i): each target bin
+            samples its object at the bin's true place (``aligned=True``, as mmdetection samples its targets).
+
+            torchvision reads the box itself as ``roi_align`` coordinates: its targets, pasted back by its own
+            inference, lie up to half a pixel up and left of their objects, less where its nearest-neighbour resize
+            of the masks happens to offset that. These lie within 0.05 px at every scale
+            (tests/test_mask_targets.py; docs/performance.md)."""
             boxes, height, width = boxes.float(), *image_shape  # autocast hands bf16 proposals: too coarse here
             size = boxes.new_tensor([width, height, width, height])
             origin, scale = frames[:, [0, 1, 0, 1]], frames[:, [2, 3, 2, 3]]
-            return ((boxes + 0.5) / size - origin) * scale - 0.5
+            return (boxes / size - origin) * scale - 0.5
 
         @staticmethod
         def cropped(targets) -> bool:
