@@ -221,9 +221,10 @@ def _crop_aware_heads_class():
         """torchvision's RoIHeads; in training they also take masks cut to their objects (targets with
         ``mask_crops`` and ``mask_frames``, :func:`detpipe.datasets.cropped_masks`) instead of image-sized ``masks``.
 
-        Each positive proposal's 28x28 mask target is torchvision's (``roi_align`` of its object's mask over the
-        proposal), sampled from the object's crop at the proposal's place in it rather than from an image-sized
-        bitmap resized with the image. Everything else is torchvision's: sampling, losses, inference.
+        Each positive proposal's 28x28 mask target is ``roi_align`` of its object's mask over the proposal, sampled
+        from the object's crop at the proposal's place in it rather than from an image-sized bitmap resized with the
+        image, and at each bin's true place (:meth:`boxes_in_crops`). Everything else is torchvision's: sampling,
+        losses, inference.
         """
 
         @staticmethod
@@ -234,7 +235,7 @@ def _crop_aware_heads_class():
 
             torchvision reads the box itself as ``roi_align`` coordinates: its targets, pasted back by its own
             inference, lie up to half a pixel up and left of their objects, less where its nearest-neighbour resize
-            of the masks happens to offset that. These lie within 0.05 px at every scale
+            of the masks happens to offset that. These lie within 0.06 px at every scale
             (tests/test_mask_targets.py; docs/performance.md)."""
             boxes, height, width = boxes.float(), *image_shape  # autocast hands bf16 proposals: too coarse here
             size = boxes.new_tensor([width, height, width, height])
@@ -585,8 +586,8 @@ def load_weights(model, source: str, builder: str | None) -> list[str]:
 
 
 def _mask_head_width(state_dict) -> int | None:
-    """The small maskrcnn's mask-head width in a state dict (256 in checkpoints saved before it followed
-    ``fpn_channels``); None for the other models."""
+    """The mask-head width in a state dict (for the small maskrcnn, 256 in checkpoints saved before it followed
+    ``fpn_channels``); None for models without masks. The builder models ignore it."""
     weight = state_dict.get("roi_heads.mask_head.0.0.weight")
     return None if weight is None else weight.shape[0]
 
