@@ -22,7 +22,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
 from benchmarks.bench_default import cpu_model
-from benchmarks.bench_mask_targets import write_set
+from benchmarks.bench_mask_targets import the_set
 from detpipe.datasets import CocoDetection
 from detpipe.files import write_json
 from detpipe.models import build_model
@@ -83,8 +83,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        coco, root = (args.coco, args.image_root or args.coco.parent) if args.coco else (
-            write_set(Path(tmp), args.images, args.seed), Path(tmp))
+        coco, root = the_set(args, Path(tmp))
         rows = [row for size in args.sizes for row in round_trip(coco, root, size, args.max_size, args.images)]
     print(f"{'size':>5} {'mask targets':<13}{'objects':>8}{'mean IoU':>10}{'offset x':>10}{'offset y':>10}")
     for r in rows:

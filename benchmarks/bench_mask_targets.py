@@ -74,6 +74,14 @@ def write_set(root: Path, count: int, seed: int) -> Path:
     return root / "coco.json"
 
 
+def the_set(args, tmp: Path) -> tuple[Path, Path]:
+    """``--coco`` and its image folder (checked), or a set written to ``tmp`` by :func:`write_set`."""
+    if not args.coco:
+        return write_set(tmp, args.images, args.seed), tmp
+    read_json(args.coco, "COCO file")  # a one-line error for a bad file
+    return args.coco, args.image_root or args.coco.parent
+
+
 def mask_bytes(target: dict) -> int:
     return sum(target[k].numel() * target[k].element_size() for k in ("masks", "mask_crops") if k in target)
 
@@ -137,9 +145,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        coco, root = (args.coco, args.image_root or args.coco.parent) if args.coco else (
-            write_set(Path(tmp), args.images, args.seed), Path(tmp))
-        read_json(coco, "COCO file")  # a one-line error for a bad file
+        coco, root = the_set(args, Path(tmp))
         results = [measure(coco, root, kind, args) for kind in KINDS]
     print(f"{'mask targets':<13}{'load ms/img':>12}{'mask KB/img':>12}{'transform ms/batch':>19}"
           f"{'resized MB/batch':>17}{'train s/iter':>13}  loss_mask")
