@@ -25,19 +25,23 @@ bf16 autocast) trains, on the same images and batches of 8:
 
 Prints images per second after the warm-up iterations, each loop's ratio to plain and peak GPU memory; writes
 JSON. ``--profile FILE`` then profiles ``ours`` on the first model (torch.profiler, the timed iterations) and
-writes the top operators by GPU and by CPU time, and how busy the GPU was, to FILE.
+writes to FILE how busy the GPU was, each part of the model's CPU and GPU time, and the top operators by GPU and
+by CPU time; on a GPU, one more run of ``ours`` then counts its host-device syncs by the lines they came from.
 Imports neither pycocotools nor MLflow (the lent GPU machines have neither).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import platform
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,11 +126,39 @@ class PlainDataset(torch.utils.data.Dataset):
         return image, target
 
 
-class Timed:
-    """Passes a loader's batches on; times the iterations after the first ``warmup`` (the GPU synced at both ends)."""
+class SyncCensus:
+    """Counts the host-device syncs that torch.cuda's sync debug mode reports, by the two innermost lines of
+    torchvision, detpipe or this script that led to each (a context manager; CUDA only)."""
 
-    def __init__(self, loader, warmup: int, device: torch.device, profiler=None):
-        self.loader, self.warmup, self.device, self.profiler = loader, warmup, device, profiler
+    def __init__(self):
+        self.sites = collections.Counter()
+
+    def __enter__(self):
+        self.saved = warnings.showwarning, warnings.filters[:]
+        warnings.simplefilter("always")  # every sync, not the first one per line
+        warnings.showwarning = self.record
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def record(self, message, *args, **kwargs):
+        if "synchroniz" not in str(message):
+            return self.saved[0](message, *args, **kwargs)
+        stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        frames = [f for f in stack if any(part in f.filename for part in ("torchvision", "detpipe", "benchmarks"))]
+        frames = frames[-2:] or stack[-1:]  # else the innermost Python line (none: the backward's threads)
+        self.sites[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)) or "?"] += 1
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning, warnings.filters[:] = self.saved
+
+
+class Timed:
+    """Passes a loader's batches on; times the iterations after the first ``warmup`` (the GPU synced at both ends).
+    ``profiler`` and ``census`` (a :class:`SyncCensus`) are on over those iterations only."""
+
+    def __init__(self, loader, warmup: int, device: torch.device, profiler=None, census=None):
+        self.loader, self.warmup, self.device, self.profiler, self.census = loader, warmup, device, profiler, census
         self.dataset = loader.dataset  # train_one_epoch decodes with the dataset's transforms
         self.start = self.end = None
 
@@ -144,10 +176,14 @@ class Timed:
                 self.start = self._sync()
                 if self.profiler is not None:
                     self.profiler.start()
+                if self.census is not None:
+                    self.census.__enter__()
             yield batch
         self.end = self._sync()
         if self.profiler is not None and self.start is not None:
             self.profiler.stop()
+        if self.census is not None and self.start is not None:
+            self.census.__exit__()
 
 
 def plain_loop(model, loader, device: torch.device, amp: bool) -> None:
@@ -173,11 +209,33 @@ def our_loop(model, loader, device: torch.device, amp: bool) -> None:
                            log_interval=20, deferred_sync=True, log=lambda msg: None)
 
 
-def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.device, profiler=None) -> dict:
+def mark_phases(model) -> None:
+    """Mark each forward of the model's parts (transform, backbone, RPN, RoI heads, dense head, dense losses) as a
+    ``phase: NAME`` range for torch.profiler: its CPU time and the GPU time of the kernels it launched."""
+    from torch.autograd.profiler import record_function
+
+    def marked(name, call):
+        def run(*args, **kwargs):
+            with record_function(f"phase: {name}"):
+                return call(*args, **kwargs)
+        return run
+
+    for name in ("transform", "backbone", "rpn", "roi_heads", "head"):
+        part = getattr(model, name, None)
+        if part is not None:
+            part.forward = marked(name, part.forward)
+    if hasattr(model, "compute_loss"):  # RetinaNet and FCOS: matching and losses outside their head
+        model.compute_loss = marked("compute_loss", model.compute_loss)
+
+
+def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.device, profiler=None,
+            census=None) -> dict:
     masks = name.startswith("maskrcnn")
     torch.manual_seed(0)
     model = build_model(name, "resnet50", CLASSES + 1, min_size=args.min_size, max_size=args.max_size,
                         fixed_canvas=loop == "ours-canvas").to(device)
+    if profiler is not None:
+        mark_phases(model)
     generator = torch.Generator().manual_seed(0)
     cuda = device.type == "cuda"
     if loop == "plain":
@@ -192,7 +250,7 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
                                      prefetch_factor=4, persistent_workers=args.workers > 0,
                                      group_aspect_ratio=loop in ("ours-grouped", "ours-canvas"))
-    timed = Timed(loader, args.warmup, device, profiler)
+    timed = Timed(loader, args.warmup, device, profiler, census)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     (plain_loop if loop == "plain" else our_loop)(model, timed, device, amp)
@@ -288,9 +346,23 @@ def profile(args, coco: Path, name: str, amp: bool, device: torch.device) -> Non
     head = f"{name} ours {row['amp']}: {row['img_per_s']} img/s under the profiler, wall {wall_s:.2f} s"
     if cuda:
         head += f", GPU kernels {device_s:.2f} s ({100 * device_s / wall_s:.0f} % of the wall time)"
+    phases = ["phase           where  CPU s  device s  calls"] + [  # the GPU's row: the span of its kernels
+        f"{e.key[7:]:15} {e.device_type.name:5} {e.cpu_time_total / 1e6:6.2f} {e.device_time_total / 1e6:9.2f} "
+        f"{e.count:6}" for e in sorted(events, key=lambda e: (e.key, e.device_type.name))
+        if e.key.startswith("phase: ")]
     tables = [events.table(sort_by=key, row_limit=25) for key in
               (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]]
-    args.profile.write_text("\n\n".join([head, *tables]) + "\n")
+    args.profile.write_text("\n\n".join([head, "\n".join(phases), *tables]) + "\n")
+    print("\n".join(phases), flush=True)
+    if cuda:  # a second run, as the profiler's overhead would distort the census and the census the profile
+        census = SyncCensus()
+        run_one(args, coco, name, "ours", amp, device, census=census)
+        per_iter = sum(census.sites.values()) / args.iters
+        lines = [f"host-device syncs per timed iteration of ours (no profiler): {per_iter:.1f}, by where from:"]
+        lines += [f"{n / args.iters:7.1f}  {site}" for site, n in census.sites.most_common(40)]
+        with args.profile.open("a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
     print(head, flush=True)
 
 
