@@ -21,7 +21,12 @@ bf16 autocast) trains, on the same images and batches of 8:
   ``model.fixed_canvas`` too (compiled with static shapes under ``--compile``): the canvas's share alone;
 * ``ours-full-masks`` (asked for by ``--loops``): ``ours-worker-decode`` with torchvision's image-sized mask
   targets (``train.mask_targets: full``); every other loop of ours has the default, masks cut to the objects:
-  for Mask R-CNN, the share of ``mask_targets`` alone.
+  for Mask R-CNN, the share of ``mask_targets`` alone;
+* ``ours-parallel-rpn`` (asked for by ``--loops``): ``ours-worker-decode`` with ``train.parallel_rpn`` (Faster and
+  Mask R-CNN: each image's RPN proposals filtered in a thread and CUDA stream of its own).
+
+``--check-rpn`` first checks, on the device, that ``train.parallel_rpn`` keeps torchvision's proposals bit for bit
+(8 sets of random proposals as dense as at 800x1333, fp32 and bf16 autocast) and times both filterings.
 
 Prints images per second after the warm-up iterations, each loop's ratio to plain and peak GPU memory; writes
 JSON. ``--profile FILE`` then profiles ``ours`` on the first model (torch.profiler, the timed iterations) and
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gc
 import json
 import platform
@@ -56,7 +62,7 @@ try:
 except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
     sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
 
-LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas", "ours-full-masks")
+LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas", "ours-full-masks", "ours-parallel-rpn")
 MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 CLASSES = 5
 
@@ -244,7 +250,7 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
                                              num_workers=args.workers, collate_fn=collate, generator=generator)
     else:
         engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks,
-                        static_shapes=loop == "ours-canvas")
+                        static_shapes=loop == "ours-canvas", parallel_rpn=loop == "ours-parallel-rpn")
         dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours",
                                 mask_targets="full" if loop == "ours-full-masks" else "cropped")
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
@@ -278,6 +284,7 @@ def main() -> None:
     p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS[:3]), help="default: the first three")
     p.add_argument("--photo-sizes", action="store_true",
                    help="images of a photo-like mix of sizes and orientations (bench_canvas) instead of one size")
+    p.add_argument("--check-rpn", action="store_true", help="first check and time train.parallel_rpn's filtering")
     p.add_argument("--profile", type=Path, help="then profile ours on the first model; write the tables here")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -291,6 +298,9 @@ def main() -> None:
     device = engine.resolve_device(args.device)
     precisions = {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]
     results = []
+    if args.check_rpn:
+        results.append(check_rpn(device, 2 if args.smoke else 8))
+        print(json.dumps(results[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         distinct = min(32, args.batch * (args.warmup + args.iters))
         sizes = photo_sizes(distinct, 0) if args.photo_sizes else None
@@ -314,6 +324,8 @@ def main() -> None:
                 results += runs.values()
         print(f"{'model':26} {'amp':5} {'loop':19} {'img/s':>7} {'/plain':>7} {'peak GiB':>8}")
         for row in results:
+            if "model" not in row:
+                continue
             ips, ratio, peak = (f"{row[k]}" if row.get(k) is not None else "-"
                                 for k in ("img_per_s", "ratio_to_plain", "peak_mem_gib"))
             print(f"{row['model']:26} {row['amp']:5} {row['loop']:19} {ips:>7} {ratio:>7} {peak:>8} "
@@ -327,6 +339,45 @@ def main() -> None:
             args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
         if args.profile:
             profile(args, coco, (args.models or MODELS)[0], precisions[-1], device)
+
+
+def check_rpn(device: torch.device, images: int) -> dict:
+    """torchvision's RPN filtering and ``train.parallel_rpn``'s on the same proposals (``images`` random sets as
+    dense as an 800x1333 image's, Faster R-CNN's training settings): equal bit for bit? And each one's time."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from detpipe.rpn import ParallelRPN, parallel_rpn
+
+    model = build_model("fasterrcnn_resnet50_fpn", "resnet50", CLASSES + 1, min_size=800, max_size=1333)
+    parallel_rpn(model)
+    rpn = model.rpn.to(device).train()
+    ParallelRPN.parallel_on_cpu = device.type != "cuda"  # the smoke run's threads on the CPU
+    g = torch.Generator(device).manual_seed(0)
+    per_level = [3 * h * w for h, w in ((200, 336), (100, 168), (50, 84), (25, 42), (13, 21))]
+    xy = torch.rand(images, sum(per_level), 2, device=device, generator=g) * torch.tensor([1333, 800], device=device)
+    wh = torch.rand(images, sum(per_level), 2, device=device, generator=g) * 300 + 0.5
+    proposals, objectness = torch.cat([xy, xy + wh], 2), torch.randn(images, sum(per_level), device=device, generator=g)
+    inputs = [(800, 1333)] * images, per_level
+    row = {"check": "parallel_rpn", "images": images}
+    for amp in (False, True):
+        key = "bf16" if amp else "fp32"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            boxes = proposals.to(torch.bfloat16) if amp else proposals  # as the RPN decodes them under autocast
+            runs = {}
+            for name, filter_ in (("torchvision", functools.partial(RegionProposalNetwork.filter_proposals, rpn)),
+                                  ("parallel", rpn.filter_proposals)):
+                filter_(boxes, objectness, *inputs)  # warm-up (threads, streams, kernels)
+                began = time.perf_counter()
+                for _ in range(10):
+                    runs[name] = filter_(boxes, objectness, *inputs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                row[f"{key}_{name}_ms"] = round((time.perf_counter() - began) * 100, 2)
+        (want_boxes, want_scores), (got_boxes, got_scores) = runs["torchvision"], runs["parallel"]
+        row[f"{key}_equal"] = all(torch.equal(a, b) for a, b in zip(want_boxes + want_scores, got_boxes + got_scores))
+        row[f"{key}_kept"] = [len(b) for b in got_boxes]
+    ParallelRPN.parallel_on_cpu = False
+    return row
 
 
 def profile(args, coco: Path, name: str, amp: bool, device: torch.device) -> None:

@@ -135,6 +135,8 @@ SCHEMA: dict[str, Any] = {
         "prefetch_factor": Key(int, "batches each DataLoader worker loads ahead (with num_workers > 0)", 2, ge=1),
         "persistent_workers": Key(bool, "keep DataLoader workers between epochs (with num_workers > 0)", False),
         "gpu_decode": Key(bool, "decode JPEGs on the GPU with nvJPEG in the training loop (device cuda only)", False),
+        "parallel_rpn": Key(bool, "R-CNN models on CUDA: filter each image's RPN proposals (NMS) in a thread and CUDA "
+                                  "stream of its own, not one image after the other; the same proposals", False),
         "mask_targets": Key(("cropped", "full"), "mask models: each object's mask cut to the object (cropped) or "
                                                  "an image-sized bitmap per object (full, torchvision's)", "cropped"),
         "processes": Key(int, "training processes on this machine (torchrun, DistributedDataParallel): one per GPU, "

@@ -256,7 +256,7 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
                                      prefetch_factor=t.prefetch_factor, persistent_workers=t.persistent_workers)
         model.to(device)
         engine.speed_up(model, channels_last=t.channels_last, compile=t.compile, cudnn_benchmark=t.cudnn_benchmark,
-                        static_shapes=m.fixed_canvas)
+                        static_shapes=m.fixed_canvas, parallel_rpn=t.parallel_rpn)
         optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum,
                                            weight_decay=t.weight_decay, decay_norm_and_bias=t.decay_norm_and_bias,
                                            fused=t.fused_optimizer)

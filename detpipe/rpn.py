@@ -1,0 +1,93 @@
+"""The RPN's proposal filtering with each image's NMS on its own CUDA stream (``train.parallel_rpn``).
+
+torchvision's RegionProposalNetwork filters the proposals of a batch one image after the other: clip, drop small
+and low-scoring boxes, NMS, keep the best. Each of those steps waits for the GPU (their output sizes depend on
+the data), and NMS ends in a one-thread-block kernel that walks the boxes in order: on an H100 with 800x1333
+batches of 8 that is 3 ms per image, 22 % of Faster R-CNN's GPU time, the images strictly in turn
+(docs/performance.md). Here each image's steps run in a thread of its own, on a CUDA stream of its own, so the
+images' kernels and waits overlap. The steps and their inputs are torchvision's, so the proposals are the same,
+bit for bit (tests/test_rpn.py; on a GPU, ``benchmarks.gpu_train_bench --check-rpn``).
+
+Only in training, only on CUDA: elsewhere torchvision's own loop runs. Applied by :func:`parallel_rpn` at train
+time (``engine.speed_up``); checkpoints and logged models keep torchvision's class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import boxes as box_ops
+
+
+def parallel_rpn(model) -> bool:
+    """Filter the proposals of ``model``'s RPN image by image in parallel (in place); False if it has no RPN."""
+    rpn = getattr(model, "rpn", None)
+    if not isinstance(rpn, RegionProposalNetwork):
+        return False
+    if not isinstance(rpn, ParallelRPN):
+        rpn.__class__ = type(f"Parallel{type(rpn).__name__}", (ParallelRPN, type(rpn)), {})
+    return True
+
+
+@functools.cache
+def _workers(device: torch.device, count: int):
+    """``count`` threads, and one stream each on ``device`` (None on a CPU), kept for the process."""
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(count)]
+    return ThreadPoolExecutor(count, thread_name_prefix="detpipe-rpn"), streams
+
+
+class ParallelRPN(RegionProposalNetwork):
+    """torchvision's RegionProposalNetwork whose training-time :meth:`filter_proposals` runs per image in threads."""
+
+    parallel_on_cpu = False  # tests set it to run the threaded path on a CPU
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        device = proposals.device
+        if not self.training or (device.type != "cuda" and not self.parallel_on_cpu) or torch.jit.is_scripting():
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
+                            for i, n in enumerate(num_anchors_per_level)]).reshape(1, -1).expand_as(objectness)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # as torchvision: the best per level
+        rows = torch.arange(num_images, device=device)[:, None]
+        objectness, levels, proposals = objectness[rows, top_n_idx], levels[rows, top_n_idx], proposals[rows, top_n_idx]
+        scores = torch.sigmoid(objectness)
+
+        pool, streams = _workers(device, num_images)
+        main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        grad = torch.is_grad_enabled()  # thread-local, as autocast and the current stream
+
+        def one(i):
+            stream = streams[i]
+            with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), \
+                    torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]), torch.set_grad_enabled(grad):
+                boxes, kept = self._filter_image(proposals[i], scores[i], levels[i], image_shapes[i])
+                if stream is not None:  # made on this stream, used on the main one: not reused before it is done
+                    boxes.record_stream(main)
+                    kept.record_stream(main)
+                return boxes, kept
+
+        if main is not None:
+            for stream in streams:
+                stream.wait_stream(main)
+        results = list(pool.map(one, range(num_images)))
+        if main is not None:
+            for stream in streams:
+                main.wait_stream(stream)
+        return [boxes for boxes, _ in results], [kept for _, kept in results]
+
+    def _filter_image(self, boxes, scores, levels, image_shape):
+        """One image's filtering, torchvision's steps: clip, drop small and low-scoring boxes, NMS per level, best."""
+        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+        keep = box_ops.remove_small_boxes(boxes, self.min_size)
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        keep = torch.where(scores >= self.score_thresh)[0]
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        keep = box_ops.batched_nms(boxes, scores, levels, self.nms_thresh)[: self.post_nms_top_n()]
+        return boxes[keep], scores[keep]
