@@ -9,13 +9,15 @@
 #
 # Steps, most important first, each under its own time limit so that a slow one cannot cost the others; a
 # step that no longer fits in what is left of GPU_SESSION_SECONDS (default 540) is skipped, and says so:
-#   1. canvas: benchmarks.gpu_train_bench --photo-sizes, bf16: images of many sizes, the plain loop, ours (worker
-#      decode), ours with batches grouped by orientation, and that with model.fixed_canvas; Faster R-CNN and
-#      RetinaNet (never measured)
+#   1. canvas: benchmarks.gpu_train_bench --photo-sizes --cudnn-benchmark off, bf16: images of many sizes, the plain
+#      loop, ours (worker decode), ours with batches grouped by orientation, and that with model.fixed_canvas;
+#      Faster R-CNN (measured once with cuDNN's benchmark on: far slower than the plain loop, docs/performance.md)
 #   2. masks: benchmarks.gpu_train_bench, Mask R-CNN, bf16: the plain loop, ours (masks cut to the objects, the
-#      default), ours with image-sized masks (train.mask_targets: full) (never measured)
-#   3. train_bench: benchmarks.gpu_train_bench, bf16: the plain torchvision loop, ours with nvJPEG decode, ours
-#      with worker decode, 4 models; then a torch.profiler table of ours on Faster R-CNN (profile.txt)
+#      default), ours with image-sized masks (train.mask_targets: full) (measured once: no gain)
+#   3. train_bench: benchmarks.gpu_train_bench --check-rpn, bf16: train.parallel_rpn's proposals against
+#      torchvision's, then the plain torchvision loop, ours with nvJPEG decode, ours with worker decode, and that
+#      with train.parallel_rpn, 4 models; then a torch.profiler table of ours on Faster R-CNN and a census of its
+#      host-device syncs (profile.txt)
 #   4. default: benchmarks.bench_default --seeds 0 --until evaluate: the default params trained on the GPU
 #   5. stages: benchmarks.gpu_check: the train and evaluate stages with fp16 + gradient scaler, DDP under torchrun
 #   6. train_fp32: benchmarks.gpu_train_bench in fp32, plain against ours
@@ -70,12 +72,12 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, what is
 } >>"$log" 2>&1
 
 if [ "$smoke" = 1 ]; then
-  step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --loops plain ours-worker-decode \
-    ours-grouped ours-canvas --json "$out/gpu_train_canvas.json"
+  step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --cudnn-benchmark off \
+    --loops plain ours-worker-decode ours-grouped ours-canvas --json "$out/gpu_train_canvas.json"
   step masks 300 $py -m benchmarks.gpu_train_bench --smoke --models maskrcnn_resnet50_fpn --amp on \
     --loops plain ours-worker-decode ours-full-masks --json "$out/gpu_train_masks.json"
-  step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --json "$out/gpu_train_bench.json" \
-    --profile "$out/profile.txt"
+  step train_bench 300 $py -m benchmarks.gpu_train_bench --smoke --check-rpn --json "$out/gpu_train_bench.json" \
+    --loops plain ours ours-worker-decode ours-parallel-rpn --profile "$out/profile.txt"
   step default 600 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
   step stages 600 $py -m benchmarks.gpu_check --device cpu --epochs 1 --images 8 \
     --cases amp-fp16-scaler ddp-1-process --json "$out/gpu_check.json"
@@ -83,13 +85,13 @@ if [ "$smoke" = 1 ]; then
   step infer 120 $py -m benchmarks.bench_infer --device cpu --images 1 --models ssdlite320_mobilenet_v3_large \
     --json "$out/bench_infer_gpu.json"
 else
-  step canvas 180 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --loops plain ours-worker-decode \
-    ours-grouped ours-canvas --models fasterrcnn_resnet50_fpn retinanet_resnet50_fpn \
+  step canvas 150 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --cudnn-benchmark off \
+    --loops plain ours-worker-decode ours-grouped ours-canvas --models fasterrcnn_resnet50_fpn \
     --json "$out/gpu_train_canvas.json"
   step masks 90 $py -m benchmarks.gpu_train_bench --models maskrcnn_resnet50_fpn --amp on \
     --loops plain ours-worker-decode ours-full-masks --json "$out/gpu_train_masks.json"
-  step train_bench 230 $py -m benchmarks.gpu_train_bench --amp on --json "$out/gpu_train_bench.json" \
-    --profile "$out/profile.txt"
+  step train_bench 260 $py -m benchmarks.gpu_train_bench --amp on --check-rpn --json "$out/gpu_train_bench.json" \
+    --loops plain ours ours-worker-decode ours-parallel-rpn --profile "$out/profile.txt"
   step default 160 $py -m benchmarks.bench_default --seeds 0 --until evaluate --json "$out/bench_default_gpu.json"
   step stages 110 $py -m benchmarks.gpu_check --epochs 1 --images 32 --cases amp-fp16-scaler ddp-1-process \
     --json "$out/gpu_check.json"

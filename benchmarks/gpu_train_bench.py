@@ -11,7 +11,8 @@ bf16 autocast) trains, on the same images and batches of 8:
   ``.to(device)``, ``loss.item()`` every iteration, plain SGD;
 * ``ours``: ``detpipe.engine.train_one_epoch`` with the levers of docs/training.md ("GPU speed"): losses read at
   log points only, fused SGD, channels_last, pinned memory and persistent workers, JPEGs decoded on the GPU
-  (nvJPEG, which drains the stream before each batch's decode), cuDNN benchmark except for Mask R-CNN,
+  (nvJPEG, which drains the stream before each batch's decode), cuDNN benchmark except for Mask R-CNN
+  (``--cudnn-benchmark``),
   torch.compile of the backbone with ``--compile``; it clips gradients (``train.clip_grad_norm`` 10) as the
   train stage does;
 * ``ours-worker-decode``: the same, but JPEGs decoded to uint8 in the DataLoader workers (``train.gpu_decode:
@@ -249,7 +250,8 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
         loader = torch.utils.data.DataLoader(PlainDataset(coco, masks), batch_size=args.batch, shuffle=True,
                                              num_workers=args.workers, collate_fn=collate, generator=generator)
     else:
-        engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and not masks,
+        benchmark = {"auto": not masks, "on": True, "off": False}[args.cudnn_benchmark]
+        engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and benchmark,
                         static_shapes=loop == "ours-canvas", parallel_rpn=loop == "ours-parallel-rpn")
         dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours",
                                 mask_targets="full" if loop == "ours-full-masks" else "cropped")
@@ -284,6 +286,8 @@ def main() -> None:
     p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS[:3]), help="default: the first three")
     p.add_argument("--photo-sizes", action="store_true",
                    help="images of a photo-like mix of sizes and orientations (bench_canvas) instead of one size")
+    p.add_argument("--cudnn-benchmark", choices=("auto", "on", "off"), default="auto",
+                   help="ours: cuDNN's algorithm search per input shape; auto: on but for Mask R-CNN")
     p.add_argument("--check-rpn", action="store_true", help="first check and time train.parallel_rpn's filtering")
     p.add_argument("--profile", type=Path, help="then profile ours on the first model; write the tables here")
     p.add_argument("--device", default="auto")
@@ -335,7 +339,7 @@ def main() -> None:
                     "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
                     "image_size": "photo-like mix" if args.photo_sizes else [height, width],
                     "timed_iters": args.iters, "warmup_iters": args.warmup, "workers": args.workers,
-                    "compile": args.compile, "smoke": args.smoke}
+                    "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "smoke": args.smoke}
             args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
         if args.profile:
             profile(args, coco, (args.models or MODELS)[0], precisions[-1], device)

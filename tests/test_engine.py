@@ -435,6 +435,8 @@ def test_gpu_train_bench_smoke_runs_every_loop_and_the_profile_without_pycocotoo
     assert "/plain" in done.stdout and "ours-worker-decode" in done.stdout
     profile = (tmp_path / "profile.txt").read_text()
     assert profile.startswith("fcos_resnet50_fpn ours fp32: ") and "Self CPU time total" in profile
+    phases = {line.split()[0] for line in profile.splitlines()[2:8] if line.endswith(" 2")}  # the 2 timed iterations
+    assert phases == {"backbone", "compute_loss", "head", "transform"}, profile[:800]
     done = run("-m", "benchmarks.gpu_train_bench", "--smoke", "--photo-sizes", "--loops", "plain", "ours-grouped",
                "ours-canvas", "--json", str(tmp_path / "canvas.json"))  # images of many sizes; grouped; canvas
     assert done.returncode == 0, done.stderr
@@ -455,6 +457,46 @@ def test_gpu_train_bench_smoke_runs_every_loop_and_the_profile_without_pycocotoo
              "assert (target['masks'] != plain).float().mean() < 0.1")  # rounding may move an edge by a pixel
     done = run("-c", masks)  # Mask R-CNN's box masks, in both loops
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_train_bench_checks_and_times_the_parallel_rpn(tmp_path):
+    """--check-rpn (here on the CPU's threaded path) finds train.parallel_rpn's proposals equal to torchvision's,
+    and the ours-parallel-rpn loop trains Faster R-CNN."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train_bench", "--smoke", "--check-rpn", "--models",
+                           "fasterrcnn_resnet50_fpn", "--loops", "plain", "ours-parallel-rpn", "--cudnn-benchmark",
+                           "off", "--json", str(tmp_path / "rpn.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bench = json.loads((tmp_path / "rpn.json").read_text())
+    check, *runs = bench["results"]
+    assert check["check"] == "parallel_rpn" and check["fp32_equal"] is True and check["bf16_equal"] is True
+    assert check["fp32_kept"] == [2000, 2000] and check["fp32_parallel_ms"] > 0
+    assert [r["loop"] for r in runs] == ["plain", "ours-parallel-rpn"] and runs[1]["ratio_to_plain"] > 0
+    assert bench["setup"]["cudnn_benchmark"] == "off"
+
+
+def test_the_sync_census_counts_each_warning_by_its_line(monkeypatch):
+    """gpu_train_bench's SyncCensus (its CUDA sync debug mode stubbed): every sync warning counted, by the line
+    that led to it, other warnings passed on, the warning filters restored."""
+    import warnings
+
+    from benchmarks.gpu_train_bench import SyncCensus
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    filters = warnings.filters[:]
+
+    def sync():
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+    with pytest.warns(UserWarning, match="something else"), SyncCensus() as census:
+        for _ in range(3):
+            sync()
+        warnings.warn("something else", stacklevel=1)
+    assert modes == ["warn", 0] and warnings.filters == filters
+    [(site, count)] = census.sites.items()
+    assert count == 3 and site.endswith(" sync") and "test_engine.py:" in site
 
 
 def test_profile_train_profiles_the_default_in_both_layouts(tmp_path):
