@@ -350,11 +350,11 @@ def _build_small(name, backbone, num_classes, *, min_size, max_size, fpn_channel
     if name == "fasterrcnn":
         return det.FasterRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **post, **size)
     if name == "maskrcnn":  # torchvision's mask head (four 3x3 convolutions, then the predictor), as wide as asked
-        width = mask_head_channels
         model = det.MaskRCNN(body, num_classes=num_classes, box_batch_size_per_image=128, **post, **size,
-                             mask_head=det.mask_rcnn.MaskRCNNHeads(fpn_channels, (width,) * 4, 1))
-        if width != 256:  # torchvision builds the predictor for its 256-wide head
-            model.roi_heads.mask_predictor = det.mask_rcnn.MaskRCNNPredictor(width, width, num_classes)
+                             mask_head=det.mask_rcnn.MaskRCNNHeads(fpn_channels, (mask_head_channels,) * 4, 1))
+        if mask_head_channels != 256:  # torchvision builds the predictor for its 256-wide head
+            model.roi_heads.mask_predictor = det.mask_rcnn.MaskRCNNPredictor(mask_head_channels, mask_head_channels,
+                                                                              num_classes)
         return model
     if name == "retinanet":
         return det.RetinaNet(body, num_classes=num_classes, **post, **size)
