@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, ImageDraw
 
 try:
@@ -66,6 +67,10 @@ except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detp
 LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas", "ours-full-masks", "ours-parallel-rpn")
 MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 CLASSES = 5
+RPN_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")  # ours-parallel-rpn is run for these only
+# where SyncCensus attributes a sync: the innermost lines in these folders (anything else is torch's own code)
+OURS_AND_TORCHVISION = (Path(engine.__file__).resolve().parent, Path(__file__).resolve().parent,
+                        Path(torchvision.__file__).resolve().parent)
 
 
 def make_images(folder: Path, distinct: int, total: int, height: int, width: int, seed: int = 0,
@@ -151,7 +156,7 @@ class SyncCensus:
         if "synchroniz" not in str(message):
             return self.saved[0](message, *args, **kwargs)
         stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
-        frames = [f for f in stack if any(part in f.filename for part in ("torchvision", "detpipe", "benchmarks"))]
+        frames = [f for f in stack if any(Path(f.filename).resolve().is_relative_to(d) for d in OURS_AND_TORCHVISION)]
         frames = frames[-2:] or stack[-1:]  # else the innermost Python line (none: the backward's threads)
         self.sites[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)) or "?"] += 1
 
@@ -178,19 +183,22 @@ class Timed:
         return time.perf_counter()
 
     def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.warmup:
-                self.start = self._sync()
-                if self.profiler is not None:
-                    self.profiler.start()
-                if self.census is not None:
-                    self.census.__enter__()
-            yield batch
+        counting = False
+        try:
+            for i, batch in enumerate(self.loader):
+                if i == self.warmup:
+                    self.start = self._sync()
+                    if self.profiler is not None:
+                        self.profiler.start()
+                    if self.census is not None:
+                        counting = self.census.__enter__()
+                yield batch
+        finally:  # also when the loop fails: the sync debug mode and the warning hooks back as they were
+            if counting:
+                self.census.__exit__()
         self.end = self._sync()
         if self.profiler is not None and self.start is not None:
             self.profiler.stop()
-        if self.census is not None and self.start is not None:
-            self.census.__exit__()
 
 
 def plain_loop(model, loader, device: torch.device, amp: bool) -> None:
@@ -265,7 +273,8 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
     images = (len(loader) - args.warmup) * args.batch
     row = {"model": name, "loop": loop, "amp": "bf16" if amp else "fp32", "images_timed": images,
            "img_per_s": round(images / (timed.end - timed.start), 2),
-           "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+           "rpn": type(model.rpn).__name__ if hasattr(model, "rpn") else None}
     del model, loader, timed
     gc.collect()
     if cuda:
@@ -302,6 +311,16 @@ def main() -> None:
     device = engine.resolve_device(args.device)
     precisions = {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]
     results = []
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
+            "image_size": "photo-like mix" if args.photo_sizes else [height, width],
+            "timed_iters": args.iters, "warmup_iters": args.warmup, "workers": args.workers,
+            "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "smoke": args.smoke}
+
+    def save():  # after each model too: a time limit then keeps what is done
+        if args.json:
+            args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
+
     if args.check_rpn:
         results.append(check_rpn(device, 2 if args.smoke else 8))
         print(json.dumps(results[-1]), flush=True)
@@ -313,6 +332,8 @@ def main() -> None:
             for amp in precisions:
                 runs = {}
                 for loop in args.loops:
+                    if loop == "ours-parallel-rpn" and name not in RPN_MODELS:
+                        continue  # no RPN: the same as ours-worker-decode
                     try:
                         runs[loop] = run_one(args, coco, name, loop, amp, device)
                     except Exception as exc:  # one failure (out of memory, a NaN) must not lose the other runs
@@ -326,6 +347,7 @@ def main() -> None:
                     if row["loop"] != "plain" and "img_per_s" in row and "img_per_s" in runs.get("plain", {}):
                         row["ratio_to_plain"] = round(row["img_per_s"] / runs["plain"]["img_per_s"], 3)
                 results += runs.values()
+                save()
         print(f"{'model':26} {'amp':5} {'loop':19} {'img/s':>7} {'/plain':>7} {'peak GiB':>8}")
         for row in results:
             if "model" not in row:
@@ -334,20 +356,18 @@ def main() -> None:
                                 for k in ("img_per_s", "ratio_to_plain", "peak_mem_gib"))
             print(f"{row['model']:26} {row['amp']:5} {row['loop']:19} {ips:>7} {ratio:>7} {peak:>8} "
                   f"{row.get('error', '')[:60]}")
-        if args.json:  # before the profile, which a time limit may cut short
-            info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                    "torch": torch.__version__, "python": platform.python_version(), "batch": args.batch,
-                    "image_size": "photo-like mix" if args.photo_sizes else [height, width],
-                    "timed_iters": args.iters, "warmup_iters": args.warmup, "workers": args.workers,
-                    "compile": args.compile, "cudnn_benchmark": args.cudnn_benchmark, "smoke": args.smoke}
-            args.json.write_text(json.dumps({"setup": info, "results": results}, indent=1) + "\n")
+        save()  # before the profile, which a time limit may cut short
         if args.profile:
             profile(args, coco, (args.models or MODELS)[0], precisions[-1], device)
 
 
 def check_rpn(device: torch.device, images: int) -> dict:
     """torchvision's RPN filtering and ``train.parallel_rpn``'s on the same proposals (``images`` random sets as
-    dense as an 800x1333 image's, Faster R-CNN's training settings): equal bit for bit? And each one's time."""
+    dense as an 800x1333 image's, each image its own size, Faster R-CNN's training settings), in fp32 and in the
+    dtypes the RPN hands over under bf16 autocast (boxes fp32, objectness bf16): equal bit for bit, at every one
+    of 10 repeats, with the inputs overwritten and fresh tensors of the filtering's own sizes filled with NaN on
+    the main stream right after each call, without a sync (a missing stream wait would let the side streams read
+    them)? And each filtering's time."""
     from torchvision.models.detection.rpn import RegionProposalNetwork
 
     from detpipe.rpn import ParallelRPN, parallel_rpn
@@ -355,32 +375,46 @@ def check_rpn(device: torch.device, images: int) -> dict:
     model = build_model("fasterrcnn_resnet50_fpn", "resnet50", CLASSES + 1, min_size=800, max_size=1333)
     parallel_rpn(model)
     rpn = model.rpn.to(device).train()
-    ParallelRPN.parallel_on_cpu = device.type != "cuda"  # the smoke run's threads on the CPU
     g = torch.Generator(device).manual_seed(0)
     per_level = [3 * h * w for h, w in ((200, 336), (100, 168), (50, 84), (25, 42), (13, 21))]
-    xy = torch.rand(images, sum(per_level), 2, device=device, generator=g) * torch.tensor([1333, 800], device=device)
-    wh = torch.rand(images, sum(per_level), 2, device=device, generator=g) * 300 + 0.5
-    proposals, objectness = torch.cat([xy, xy + wh], 2), torch.randn(images, sum(per_level), device=device, generator=g)
-    inputs = [(800, 1333)] * images, per_level
-    row = {"check": "parallel_rpn", "images": images}
-    for amp in (False, True):
-        key = "bf16" if amp else "fp32"
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            boxes = proposals.to(torch.bfloat16) if amp else proposals  # as the RPN decodes them under autocast
-            runs = {}
-            for name, filter_ in (("torchvision", functools.partial(RegionProposalNetwork.filter_proposals, rpn)),
-                                  ("parallel", rpn.filter_proposals)):
-                filter_(boxes, objectness, *inputs)  # warm-up (threads, streams, kernels)
-                began = time.perf_counter()
-                for _ in range(10):
-                    runs[name] = filter_(boxes, objectness, *inputs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                row[f"{key}_{name}_ms"] = round((time.perf_counter() - began) * 100, 2)
-        (want_boxes, want_scores), (got_boxes, got_scores) = runs["torchvision"], runs["parallel"]
-        row[f"{key}_equal"] = all(torch.equal(a, b) for a, b in zip(want_boxes + want_scores, got_boxes + got_scores))
-        row[f"{key}_kept"] = [len(b) for b in got_boxes]
-    ParallelRPN.parallel_on_cpu = False
+    count, top_n = sum(per_level), sum(min(n, rpn._pre_nms_top_n["training"]) for n in per_level)
+    xy = torch.rand(images, count, 2, device=device, generator=g) * torch.tensor([1333, 800], device=device)
+    wh = torch.rand(images, count, 2, device=device, generator=g) * 300 + 0.5
+    proposals, objectness = torch.cat([xy, xy + wh], 2), torch.randn(images, count, device=device, generator=g)
+    shapes = [(800 - 24 * i, 1333 - 40 * i) for i in range(images)]
+    row = {"check": "parallel_rpn", "images": images, "boxes_per_image": count, "repeats": 10}
+    ParallelRPN.parallel_on_cpu = device.type != "cuda"  # the smoke run's threads on the CPU
+    try:
+        for amp in (False, True):
+            key = "bf16" if amp else "fp32"
+            scores = objectness.to(torch.bfloat16) if amp else objectness
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                want = RegionProposalNetwork.filter_proposals(rpn, proposals, scores, shapes, per_level)
+                equal = True
+                for name, filter_ in (("torchvision", functools.partial(RegionProposalNetwork.filter_proposals, rpn)),
+                                      ("parallel", rpn.filter_proposals)):
+                    filter_(proposals, scores, shapes, per_level)  # warm-up (threads, streams, kernels)
+                    spent = 0.0
+                    for _ in range(10):
+                        boxes_in, scores_in = proposals.clone(), scores.clone()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        began = time.perf_counter()
+                        got = filter_(boxes_in, scores_in, shapes, per_level)
+                        boxes_in.fill_(float("nan"))  # queued on the main stream, no sync
+                        scores_in.fill_(float("nan"))
+                        scratch = [torch.full((images, top_n, *size), float("nan"), device=device)  # in the blocks
+                                   for size in ((4,), ())]  # the filtering's own top-n copies freed, if not waited on
+                        del scratch
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        spent += time.perf_counter() - began
+                        equal &= all(torch.equal(a, b) for a, b in zip(want[0] + want[1], got[0] + got[1]))
+                    row[f"{key}_{name}_ms"] = round(spent * 100, 2)
+            row[f"{key}_equal"] = equal
+            row[f"{key}_kept"] = [len(b) for b in want[0]]
+    finally:
+        ParallelRPN.parallel_on_cpu = False
     return row
 
 

@@ -9,35 +9,59 @@ images' kernels and waits overlap. The steps and their inputs are torchvision's,
 bit for bit (tests/test_rpn.py; on a GPU, ``benchmarks.gpu_train_bench --check-rpn``).
 
 Only in training, only on CUDA: elsewhere torchvision's own loop runs. Applied by :func:`parallel_rpn` at train
-time (``engine.speed_up``); checkpoints and logged models keep torchvision's class.
+time (``engine.speed_up``); checkpoints and logged models keep torchvision's class. Images beyond
+:data:`MAX_THREADS` in one batch share the streams (and the threads) in turn.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
+MAX_THREADS = 32  # threads of the pool (started as needed); a larger batch's images share them
+
 
 def parallel_rpn(model) -> bool:
-    """Filter the proposals of ``model``'s RPN image by image in parallel (in place); False if it has no RPN."""
+    """Filter the proposals of ``model``'s RPN image by image in parallel (in place); False if it has no RPN.
+
+    torchvision's own RegionProposalNetwork becomes :class:`ParallelRPN` (picklable by name); a subclass of it gets
+    a class made from both, whose own ``filter_proposals``, if it has one, gives way to this one."""
     rpn = getattr(model, "rpn", None)
     if not isinstance(rpn, RegionProposalNetwork):
         return False
     if not isinstance(rpn, ParallelRPN):
-        rpn.__class__ = type(f"Parallel{type(rpn).__name__}", (ParallelRPN, type(rpn)), {})
+        rpn.__class__ = (ParallelRPN if type(rpn) is RegionProposalNetwork else
+                         type(f"Parallel{type(rpn).__name__}", (ParallelRPN, type(rpn)), {}))
     return True
 
 
+class _Workers:
+    """A thread pool and CUDA streams for one device, kept for the process; streams are added as batches grow."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.streams, self.lock = device, [], threading.Lock()
+        init = (torch.cuda.set_device, (device,)) if device.type == "cuda" else (None, ())
+        self.pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="detpipe-rpn", initializer=init[0],
+                                       initargs=init[1])  # on the device's GPU, not GPU 0 (a DDP rank)
+
+    def streams_for(self, count: int) -> list:
+        if self.device.type != "cuda":
+            return [None] * count
+        with self.lock:
+            while len(self.streams) < min(count, MAX_THREADS):
+                self.streams.append(torch.cuda.Stream(self.device))
+        return [self.streams[i % len(self.streams)] for i in range(count)]
+
+
 @functools.cache
-def _workers(device: torch.device, count: int):
-    """``count`` threads, and one stream each on ``device`` (None on a CPU), kept for the process."""
-    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(count)]
-    return ThreadPoolExecutor(count, thread_name_prefix="detpipe-rpn"), streams
+def _workers(device: torch.device) -> _Workers:
+    return _Workers(device)
 
 
 class ParallelRPN(RegionProposalNetwork):
@@ -47,7 +71,7 @@ class ParallelRPN(RegionProposalNetwork):
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         device = proposals.device
-        if not self.training or (device.type != "cuda" and not self.parallel_on_cpu) or torch.jit.is_scripting():
+        if not self.training or (device.type != "cuda" and not self.parallel_on_cpu):
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
         num_images = proposals.shape[0]
         objectness = objectness.detach().reshape(num_images, -1)
@@ -58,7 +82,8 @@ class ParallelRPN(RegionProposalNetwork):
         objectness, levels, proposals = objectness[rows, top_n_idx], levels[rows, top_n_idx], proposals[rows, top_n_idx]
         scores = torch.sigmoid(objectness)
 
-        pool, streams = _workers(device, num_images)
+        workers = _workers(device)
+        streams = workers.streams_for(num_images)
         main = torch.cuda.current_stream(device) if device.type == "cuda" else None
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         grad = torch.is_grad_enabled()  # thread-local, as autocast and the current stream
@@ -74,12 +99,16 @@ class ParallelRPN(RegionProposalNetwork):
                 return boxes, kept
 
         if main is not None:
-            for stream in streams:
+            for stream in set(streams):
                 stream.wait_stream(main)
-        results = list(pool.map(one, range(num_images)))
-        if main is not None:
-            for stream in streams:
-                main.wait_stream(stream)
+        futures = [workers.pool.submit(one, i) for i in range(num_images)]
+        try:
+            wait(futures)  # every thread done queuing its work, also when one of them failed
+        finally:
+            if main is not None:  # the main stream's later work (freeing the inputs too) waits for theirs
+                for stream in set(streams):
+                    main.wait_stream(stream)
+        results = [f.result() for f in futures]  # the first thread's error, if any, raised here
         return [boxes for boxes, _ in results], [kept for _, kept in results]
 
     def _filter_image(self, boxes, scores, levels, image_shape):

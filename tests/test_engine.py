@@ -246,7 +246,8 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
     for name in ("train_loader", "speed_up", "build_optimizer", "train_one_epoch"):
         monkeypatch.setattr(engine, name, spy(name, getattr(engine, name)))
     levers = {"deferred_sync": False, "channels_last": True, "compile": True, "cudnn_benchmark": True,
-              "fused_optimizer": True, "pin_memory": False, "prefetch_factor": 3, "persistent_workers": True}
+              "fused_optimizer": True, "pin_memory": False, "prefetch_factor": 3, "persistent_workers": True,
+              "parallel_rpn": True}
     cfg = config.load(write_tiny_params(tmp_path), [f"train.{k}={str(v).lower()}" for k, v in levers.items()]
                       + ["model.fixed_canvas=true"])
     train.run(cfg, tiny_coco / "coco", tiny_coco / "raw", tmp_path / "out")
@@ -254,7 +255,8 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
     assert seen["train_loader"].items() >= {"pin_memory": False, "prefetch_factor": 3,
                                             "persistent_workers": True}.items()
     assert seen["speed_up"] == {"channels_last": True, "compile": True, "cudnn_benchmark": True,
-                                "static_shapes": True}  # model.fixed_canvas: one compiled graph per canvas
+                                "static_shapes": True,  # model.fixed_canvas: one compiled graph per canvas
+                                "parallel_rpn": True}
     assert seen["build_optimizer"]["fused"] is True and seen["train_one_epoch"]["deferred_sync"] is False
     assert torch.backends.cudnn.benchmark is True and (tmp_path / "out/model.pt").is_file()
 
@@ -471,9 +473,10 @@ def test_gpu_train_bench_checks_and_times_the_parallel_rpn(tmp_path):
     bench = json.loads((tmp_path / "rpn.json").read_text())
     check, *runs = bench["results"]
     assert check["check"] == "parallel_rpn" and check["fp32_equal"] is True and check["bf16_equal"] is True
-    assert check["fp32_kept"] == [2000, 2000] and check["fp32_parallel_ms"] > 0
-    assert [r["loop"] for r in runs] == ["plain", "ours-parallel-rpn"] and runs[1]["ratio_to_plain"] > 0
-    assert bench["setup"]["cudnn_benchmark"] == "off"
+    assert check["fp32_kept"] == [2000, 2000] and check["fp32_parallel_ms"] > 0 and check["repeats"] == 10
+    assert [(r["loop"], r["rpn"]) for r in runs] == [("plain", "RegionProposalNetwork"),
+                                                     ("ours-parallel-rpn", "ParallelRPN")]
+    assert runs[1]["ratio_to_plain"] > 0 and bench["setup"]["cudnn_benchmark"] == "off"
 
 
 def test_the_sync_census_counts_each_warning_by_its_line(monkeypatch):

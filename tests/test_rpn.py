@@ -75,6 +75,27 @@ def test_a_training_step_gives_the_same_losses_and_gradients(threaded_on_cpu):
     assert all(torch.equal(want_grads[k], got_grads[k]) for k in want_grads)
 
 
+def test_an_error_in_one_image_is_raised_after_every_thread_is_done(threaded_on_cpu, monkeypatch):
+    model = build_model("fasterrcnn", "resnet10", 3, min_size=128, max_size=160, fpn_channels=32).train()
+    parallel_rpn(model)
+    real, finished = ParallelRPN._filter_image, []
+
+    def filter_image(self, boxes, *args):
+        if boxes.shape[0] and float(boxes[0, 0]) == float(failing[0, 0]):
+            raise RuntimeError("out of memory in image 1")
+        out = real(self, boxes, *args)
+        finished.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(ParallelRPN, "_filter_image", filter_image)
+    proposals, objectness, shapes, levels = rpn_inputs(4, 0)
+    failing = proposals[1].clone()
+    objectness[1] = 100.0 - torch.arange(objectness.shape[1]) * 1e-3  # image 1's best box is its first
+    with pytest.raises(RuntimeError, match="out of memory in image 1"):
+        model.rpn.filter_proposals(proposals, objectness, shapes, levels)
+    assert len(finished) == 3  # the other three images were not cut short
+
+
 def test_evaluation_and_the_cpu_keep_torchvisions_loop(monkeypatch):
     model = build_model("fasterrcnn", "resnet10", 3, min_size=128, max_size=160, fpn_channels=32)
     parallel_rpn(model)
@@ -97,6 +118,6 @@ def test_models_without_an_rpn_are_left_alone_and_applying_twice_is_harmless():
     assert type(model.rpn).__mro__.count(ParallelRPN) == 1
 
 
-def test_the_param_is_off_by_default_and_reaches_the_train_stage(tmp_path):
+def test_the_param_is_off_by_default():
+    """(test_engine's test_the_train_stage_passes_the_levers_on checks that the train stage hands it on)"""
     assert config.load(ROOT / "params" / "detpipe.yaml").train.parallel_rpn is False
-    assert "parallel_rpn=t.parallel_rpn" in (ROOT / "detpipe" / "train.py").read_text()
