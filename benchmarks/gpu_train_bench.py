@@ -61,6 +61,7 @@ try:
     from detpipe import engine
     from detpipe.datasets import CocoDetection, collate
     from detpipe.models import build_model
+    from detpipe.rpn import ParallelRPN, parallel_rpn
 except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
     sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
 
@@ -260,7 +261,9 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
     else:
         benchmark = {"auto": not masks, "on": True, "off": False}[args.cudnn_benchmark]
         engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and benchmark,
-                        static_shapes=loop == "ours-canvas", parallel_rpn=loop == "ours-parallel-rpn")
+                        static_shapes=loop == "ours-canvas")
+        if loop == "ours-parallel-rpn":
+            parallel_rpn(model)
         dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours",
                                 mask_targets="full" if loop == "ours-full-masks" else "cropped")
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
@@ -369,8 +372,6 @@ def check_rpn(device: torch.device, images: int) -> dict:
     the main stream right after each call, without a sync (a missing stream wait would let the side streams read
     them)? And each filtering's time."""
     from torchvision.models.detection.rpn import RegionProposalNetwork
-
-    from detpipe.rpn import ParallelRPN, parallel_rpn
 
     model = build_model("fasterrcnn_resnet50_fpn", "resnet50", CLASSES + 1, min_size=800, max_size=1333)
     parallel_rpn(model)

@@ -163,7 +163,7 @@ def build_optimizer(model: torch.nn.Module, name: str = "sgd", *, lr: float, mom
 
 
 def speed_up(model: torch.nn.Module, *, channels_last: bool = False, compile: bool = False,
-             cudnn_benchmark: bool = False, static_shapes: bool = False, parallel_rpn: bool = False) -> torch.nn.Module:
+             cudnn_benchmark: bool = False, static_shapes: bool = False) -> torch.nn.Module:
     """The training speed levers of docs/training.md, applied to ``model`` in place (after ``model.to(device)``).
 
     ``channels_last`` stores 4-D weights NHWC (faster convolutions on tensor cores); ``compile`` compiles the
@@ -171,14 +171,9 @@ def speed_up(model: torch.nn.Module, *, channels_last: bool = False, compile: bo
     ``static_shapes`` (the model pads to ``model.fixed_canvas``'s few sizes) one graph per input shape, else
     torch's default, which turns to dynamic shapes at the second shape; ``cudnn_benchmark`` lets cuDNN time its
     algorithms per input shape (set for the whole process; slower for models with changing shapes, such as
-    Mask R-CNN); ``parallel_rpn`` filters the proposals of an R-CNN model's RPN image by image in parallel on CUDA
-    in training (:mod:`detpipe.rpn`; the other models have no RPN and ignore it).
+    Mask R-CNN). (``train.parallel_rpn`` is applied by the train stage: :func:`detpipe.rpn.parallel_rpn`.)
     """
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    if parallel_rpn:
-        from detpipe.rpn import parallel_rpn as use_parallel_rpn
-
-        use_parallel_rpn(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:

@@ -8,8 +8,8 @@ batches of 8 that is 3 ms per image, 22 % of Faster R-CNN's GPU time, the images
 images' kernels and waits overlap. The steps and their inputs are torchvision's, so the proposals are the same,
 bit for bit (tests/test_rpn.py; on a GPU, ``benchmarks.gpu_train_bench --check-rpn``).
 
-Only in training, only on CUDA: elsewhere torchvision's own loop runs. Applied by :func:`parallel_rpn` at train
-time (``engine.speed_up``); checkpoints and logged models keep torchvision's class. Images beyond
+Only in training, only on CUDA: elsewhere torchvision's own loop runs. Applied by :func:`parallel_rpn` in the
+train stage (``train.parallel_rpn``); checkpoints and logged models keep torchvision's class. Images beyond
 :data:`MAX_THREADS` in one batch share the streams (and the threads) in turn.
 """
 

@@ -33,6 +33,7 @@ from detpipe.errors import DetpipeError
 from detpipe.files import atomic_dir, atomic_torch_save, read_json_keys, tree_hash, write_json, write_text
 from detpipe.metrics import named_stats
 from detpipe.models import SMALL, build_from_params, has_masks, load_checkpoint, load_weights
+from detpipe.rpn import parallel_rpn
 from detpipe.transforms import train_transforms
 
 CHECKPOINTS = Path(".detpipe/checkpoints")
@@ -256,7 +257,9 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
                                      prefetch_factor=t.prefetch_factor, persistent_workers=t.persistent_workers)
         model.to(device)
         engine.speed_up(model, channels_last=t.channels_last, compile=t.compile, cudnn_benchmark=t.cudnn_benchmark,
-                        static_shapes=m.fixed_canvas, parallel_rpn=t.parallel_rpn)
+                        static_shapes=m.fixed_canvas)
+        if t.parallel_rpn:
+            parallel_rpn(model)  # R-CNN models: each image's RPN proposals filtered in parallel on CUDA
         optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum,
                                            weight_decay=t.weight_decay, decay_norm_and_bias=t.decay_norm_and_bias,
                                            fused=t.fused_optimizer)

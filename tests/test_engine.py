@@ -245,6 +245,8 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
 
     for name in ("train_loader", "speed_up", "build_optimizer", "train_one_epoch"):
         monkeypatch.setattr(engine, name, spy(name, getattr(engine, name)))
+    rpn_calls = []
+    monkeypatch.setattr(train, "parallel_rpn", lambda model: rpn_calls.append(model) or False)
     levers = {"deferred_sync": False, "channels_last": True, "compile": True, "cudnn_benchmark": True,
               "fused_optimizer": True, "pin_memory": False, "prefetch_factor": 3, "persistent_workers": True,
               "parallel_rpn": True}
@@ -255,8 +257,8 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
     assert seen["train_loader"].items() >= {"pin_memory": False, "prefetch_factor": 3,
                                             "persistent_workers": True}.items()
     assert seen["speed_up"] == {"channels_last": True, "compile": True, "cudnn_benchmark": True,
-                                "static_shapes": True,  # model.fixed_canvas: one compiled graph per canvas
-                                "parallel_rpn": True}
+                                "static_shapes": True}  # model.fixed_canvas: one compiled graph per canvas
+    assert len(rpn_calls) == 1  # train.parallel_rpn (the tiny FCOS has no RPN: nothing to change)
     assert seen["build_optimizer"]["fused"] is True and seen["train_one_epoch"]["deferred_sync"] is False
     assert torch.backends.cudnn.benchmark is True and (tmp_path / "out/model.pt").is_file()
 

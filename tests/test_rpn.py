@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from detpipe import config, engine
+from detpipe import config
 from detpipe.models import build_model
 from detpipe.rpn import ParallelRPN, parallel_rpn
 from tests.conftest import ROOT
@@ -52,7 +52,8 @@ def test_a_training_step_gives_the_same_losses_and_gradients(threaded_on_cpu):
     def step(parallel: bool):
         torch.manual_seed(0)
         model = build_model("maskrcnn", "resnet10", 3, min_size=96, max_size=128, fpn_channels=32).train()
-        engine.speed_up(model, parallel_rpn=parallel)
+        if parallel:
+            parallel_rpn(model)
         assert isinstance(model.rpn, ParallelRPN) == parallel
         g = torch.Generator().manual_seed(1)
         images = [torch.rand(3, 96, 128, generator=g) for _ in range(3)]
@@ -119,5 +120,5 @@ def test_models_without_an_rpn_are_left_alone_and_applying_twice_is_harmless():
 
 
 def test_the_param_is_off_by_default():
-    """(test_engine's test_the_train_stage_passes_the_levers_on checks that the train stage hands it on)"""
+    """(test_engine's test_the_train_stage_passes_the_levers_on checks that the train stage applies it)"""
     assert config.load(ROOT / "params" / "detpipe.yaml").train.parallel_rpn is False
