@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
@@ -45,17 +44,16 @@ class _Workers:
     """A thread pool and CUDA streams for one device, kept for the process; streams are added as batches grow."""
 
     def __init__(self, device: torch.device):
-        self.device, self.streams, self.lock = device, [], threading.Lock()
+        self.device, self.streams = device, []
         init = (torch.cuda.set_device, (device,)) if device.type == "cuda" else (None, ())
         self.pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="detpipe-rpn", initializer=init[0],
                                        initargs=init[1])  # on the device's GPU, not GPU 0 (a DDP rank)
 
-    def streams_for(self, count: int) -> list:
+    def streams_for(self, count: int) -> list:  # called from the training thread only
         if self.device.type != "cuda":
             return [None] * count
-        with self.lock:
-            while len(self.streams) < min(count, MAX_THREADS):
-                self.streams.append(torch.cuda.Stream(self.device))
+        while len(self.streams) < min(count, MAX_THREADS):
+            self.streams.append(torch.cuda.Stream(self.device))
         return [self.streams[i % len(self.streams)] for i in range(count)]
 
 
