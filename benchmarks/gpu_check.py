@@ -1,5 +1,6 @@
 """One call that checks the CUDA path of the train and evaluate stages: AMP with bfloat16 and with float16
-(gradient scaler), and DistributedDataParallel with one process under torchrun.
+(gradient scaler), DistributedDataParallel with one process under torchrun, and the speed levers that change the
+model's code (``sync_free_inputs``, ``sync_free_loss``, ``parallel_rpn`` on Faster R-CNN).
 
     python -m benchmarks.gpu_check --json gpu_check.json            # on a machine with a GPU
     python -m benchmarks.gpu_check --device cpu                      # the same steps on the CPU (AMP is ignored)
@@ -31,6 +32,10 @@ CASES = {  # name -> overrides of the train stage, and whether it runs under tor
     "amp-bf16": (["train.amp=true", "train.amp_dtype=bfloat16"], False),
     "amp-fp16-scaler": (["train.amp=true", "train.amp_dtype=float16"], False),
     "ddp-1-process": (["train.amp=true"], True),
+    # the GPU speed levers that change the model's code, in the stages themselves (bf16)
+    "sync-free": (["train.amp=true", "train.sync_free_inputs=true", "train.sync_free_loss=true"], False),
+    "fasterrcnn-levers": (["model.name=fasterrcnn", "train.amp=true", "train.parallel_rpn=true",
+                           "train.sync_free_inputs=true", "train.num_workers=4", "train.persistent_workers=true"], False),
 }
 
 
@@ -43,7 +48,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--images", type=int, default=64, help="generated train images (val: a quarter)")
-    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="default: all four")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="default: all")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
     src = Path.cwd()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/performance.md and docs/models.md, in one call on a lent GPU machine: the steps below in
-# order, as many as fit in GPU_SESSION_SECONDS (9 minutes by default; all of them need about 17).
+# order, as many as fit in GPU_SESSION_SECONDS (9 minutes by default; all of them need about 25).
 #
 #   bash ../shared/gpu/fetch-wheels     # here: MLflow's and pycocotools' wheels into .whl (Python 3.12), then
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -9,6 +9,11 @@
 #
 # Steps, most important first, each under its own time limit so that a slow one cannot cost the others; a
 # step that no longer fits in what is left of GPU_SESSION_SECONDS (default 540) is skipped, and says so:
+#   0a. sync_free: benchmarks.gpu_train_bench --check-rpn, bf16, FCOS, RetinaNet, Faster and Mask R-CNN: the plain
+#      loop, ours (worker decode), with train.sync_free_inputs, with train.sync_free_loss too (FCOS) and with
+#      train.parallel_rpn too (R-CNN); then a profile and sync census of FCOS with both sync-free levers
+#   0b. levers_stages: benchmarks.gpu_check: the train and evaluate stages, bf16, the default model without and with
+#      the sync-free levers, and Faster R-CNN with parallel_rpn and sync_free_inputs
 #   1. canvas: benchmarks.gpu_train_bench --photo-sizes --cudnn-benchmark off, bf16: images of many sizes, the plain
 #      loop, ours (worker decode), ours with batches grouped by orientation, and that with model.fixed_canvas;
 #      Faster R-CNN (measured once with cuDNN's benchmark on: far slower than the plain loop, docs/performance.md)
@@ -34,7 +39,7 @@ log=$out/session.log
 budget=${GPU_SESSION_SECONDS:-540}
 smoke=${GPU_SESSION_SMOKE:-0}
 py=${PYTHON:-python3}
-steps=" ${GPU_SESSION_STEPS:-canvas masks train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
+steps=" ${GPU_SESSION_STEPS:-sync_free levers_stages canvas masks train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
 export PYTHONUNBUFFERED=1
 failed=0
 skipped=0
@@ -72,6 +77,11 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, what is
 } >>"$log" 2>&1
 
 if [ "$smoke" = 1 ]; then
+  step sync_free 300 $py -m benchmarks.gpu_train_bench --smoke --check-rpn --models fcos_resnet50_fpn \
+    fasterrcnn_resnet50_fpn --loops plain ours-worker-decode ours-sync-free ours-sync-free-loss ours-sync-free-rpn \
+    --json "$out/gpu_train_sync_free.json" --profile "$out/profile_sync_free.txt" --profile-loop ours-sync-free-loss
+  step levers_stages 300 $py -m benchmarks.gpu_check --device cpu --epochs 1 --images 8 \
+    --cases amp-bf16 sync-free fasterrcnn-levers --json "$out/gpu_check_levers.json"
   step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --cudnn-benchmark off \
     --loops plain ours-worker-decode ours-grouped ours-canvas --json "$out/gpu_train_canvas.json"
   step masks 300 $py -m benchmarks.gpu_train_bench --smoke --models maskrcnn_resnet50_fpn --amp on \
@@ -85,6 +95,12 @@ if [ "$smoke" = 1 ]; then
   step infer 120 $py -m benchmarks.bench_infer --device cpu --images 1 --models ssdlite320_mobilenet_v3_large \
     --json "$out/bench_infer_gpu.json"
 else
+  step sync_free 330 $py -m benchmarks.gpu_train_bench --amp on --check-rpn --models fcos_resnet50_fpn \
+    retinanet_resnet50_fpn fasterrcnn_resnet50_fpn maskrcnn_resnet50_fpn --loops plain ours-worker-decode \
+    ours-sync-free ours-sync-free-loss ours-sync-free-rpn --json "$out/gpu_train_sync_free.json" \
+    --profile "$out/profile_sync_free.txt" --profile-loop ours-sync-free-loss
+  step levers_stages 170 $py -m benchmarks.gpu_check --epochs 2 --images 64 --cases amp-bf16 sync-free \
+    fasterrcnn-levers --json "$out/gpu_check_levers.json"
   step canvas 150 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --cudnn-benchmark off \
     --loops plain ours-worker-decode ours-grouped ours-canvas --models fasterrcnn_resnet50_fpn \
     --json "$out/gpu_train_canvas.json"

@@ -24,15 +24,19 @@ bf16 autocast) trains, on the same images and batches of 8:
   targets (``train.mask_targets: full``); every other loop of ours has the default, masks cut to the objects:
   for Mask R-CNN, the share of ``mask_targets`` alone;
 * ``ours-parallel-rpn`` (asked for by ``--loops``): ``ours-worker-decode`` with ``train.parallel_rpn`` (Faster and
-  Mask R-CNN: each image's RPN proposals filtered in a thread and CUDA stream of its own).
+  Mask R-CNN: each image's RPN proposals filtered in a thread and CUDA stream of its own);
+* ``ours-sync-free`` (asked for by ``--loops``): ``ours-worker-decode`` with ``train.sync_free_inputs`` (no
+  host-device sync before the backbone), ``ours-sync-free-rpn``, that with ``train.parallel_rpn`` too (Faster and
+  Mask R-CNN), and ``ours-sync-free-loss``, that with ``train.sync_free_loss`` too (FCOS: no sync in the step).
 
 ``--check-rpn`` first checks, on the device, that ``train.parallel_rpn`` keeps torchvision's proposals bit for bit
 (8 sets of random proposals as dense as at 800x1333, fp32 and bf16 autocast) and times both filterings.
 
 Prints images per second after the warm-up iterations, each loop's ratio to plain and peak GPU memory; writes
-JSON. ``--profile FILE`` then profiles ``ours`` on the first model (torch.profiler, the timed iterations) and
-writes to FILE how busy the GPU was, each part of the model's CPU and GPU time, and the top operators by GPU and
-by CPU time; on a GPU, one more run of ``ours`` then counts its host-device syncs by the lines they came from.
+JSON. ``--profile FILE`` then profiles ``ours`` (or the ``--profile-loop``) on the first model (torch.profiler,
+the timed iterations) and writes to FILE how busy the GPU was, each part of the model's CPU and GPU time, and the
+top operators by GPU and by CPU time; on a GPU, one more run of that loop then counts its host-device syncs by the
+lines they came from.
 Imports neither pycocotools nor MLflow (the lent GPU machines have neither).
 """
 
@@ -62,13 +66,15 @@ try:
     from detpipe.datasets import CocoDetection, collate
     from detpipe.models import build_model
     from detpipe.rpn import ParallelRPN, parallel_rpn
+    from detpipe.syncfree import sync_free_inputs, sync_free_loss
 except ModuleNotFoundError as exc:  # the GPU machine's image lacks some of detpipe's small dependencies
     sys.exit(f"error: Python package {exc.name} is missing: carry its wheel (docs/performance.md, GPU training)")
 
-LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas", "ours-full-masks", "ours-parallel-rpn")
+LOOPS = ("plain", "ours", "ours-worker-decode", "ours-grouped", "ours-canvas", "ours-full-masks", "ours-parallel-rpn",
+         "ours-sync-free", "ours-sync-free-rpn", "ours-sync-free-loss")
 MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 CLASSES = 5
-RPN_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")  # ours-parallel-rpn is run for these only
+RPN_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")  # the loops with parallel_rpn run for these only
 # where SyncCensus attributes a sync: the innermost lines in these folders (anything else is torch's own code)
 OURS_AND_TORCHVISION = (Path(engine.__file__).resolve().parent, Path(__file__).resolve().parent,
                         Path(torchvision.__file__).resolve().parent)
@@ -262,8 +268,12 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
         benchmark = {"auto": not masks, "on": True, "off": False}[args.cudnn_benchmark]
         engine.speed_up(model, channels_last=True, compile=args.compile, cudnn_benchmark=cuda and benchmark,
                         static_shapes=loop == "ours-canvas")
-        if loop == "ours-parallel-rpn":
+        if loop in ("ours-parallel-rpn", "ours-sync-free-rpn"):
             parallel_rpn(model)
+        if loop in ("ours-sync-free", "ours-sync-free-rpn", "ours-sync-free-loss"):
+            sync_free_inputs(model)
+        if loop == "ours-sync-free-loss":
+            sync_free_loss(model)
         dataset = CocoDetection(coco, coco.parent, with_masks=masks, encoded=cuda and loop == "ours",
                                 mask_targets="full" if loop == "ours-full-masks" else "cropped")
         loader = engine.train_loader(dataset, args.batch, args.workers, generator, device, pin_memory=True,
@@ -277,7 +287,9 @@ def run_one(args, coco: Path, name: str, loop: str, amp: bool, device: torch.dev
     row = {"model": name, "loop": loop, "amp": "bf16" if amp else "fp32", "images_timed": images,
            "img_per_s": round(images / (timed.end - timed.start), 2),
            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
-           "rpn": type(model.rpn).__name__ if hasattr(model, "rpn") else None}
+           "rpn": type(model.rpn).__name__ if hasattr(model, "rpn") else None,
+           "sync_free": type(model).__name__.startswith("SyncFree"),
+           "sync_free_loss": type(getattr(model, "head", None)).__name__.startswith("SyncFree")}
     del model, loader, timed
     gc.collect()
     if cuda:
@@ -301,7 +313,8 @@ def main() -> None:
     p.add_argument("--cudnn-benchmark", choices=("auto", "on", "off"), default="auto",
                    help="ours: cuDNN's algorithm search per input shape; auto: on but for Mask R-CNN")
     p.add_argument("--check-rpn", action="store_true", help="first check and time train.parallel_rpn's filtering")
-    p.add_argument("--profile", type=Path, help="then profile ours on the first model; write the tables here")
+    p.add_argument("--profile", type=Path, help="then profile a loop of ours on the first model; write the tables here")
+    p.add_argument("--profile-loop", choices=LOOPS[1:], default="ours", help="the loop --profile profiles (ours)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
@@ -335,8 +348,10 @@ def main() -> None:
             for amp in precisions:
                 runs = {}
                 for loop in args.loops:
-                    if loop == "ours-parallel-rpn" and name not in RPN_MODELS:
+                    if loop in ("ours-parallel-rpn", "ours-sync-free-rpn") and name not in RPN_MODELS:
                         continue  # no RPN: the same as ours-worker-decode
+                    if loop == "ours-sync-free-loss" and not name.startswith("fcos"):
+                        continue  # the same as ours-sync-free
                     try:
                         runs[loop] = run_one(args, coco, name, loop, amp, device)
                     except Exception as exc:  # one failure (out of memory, a NaN) must not lose the other runs
@@ -420,20 +435,20 @@ def check_rpn(device: torch.device, images: int) -> dict:
 
 
 def profile(args, coco: Path, name: str, amp: bool, device: torch.device) -> None:
-    """``ours`` on ``name`` under torch.profiler over the timed iterations: the top operators by GPU and by CPU
-    time, and the GPU's busy share (its kernels' time over the wall time; low means the host holds it back)."""
+    """``args.profile_loop`` on ``name`` under torch.profiler over the timed iterations: the top operators by GPU
+    and by CPU time, and the GPU's busy share (its kernels' time over the wall time; low: the host holds it back)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
     prof = torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-    row = run_one(args, coco, name, "ours", amp, device, profiler=prof)  # Timed starts and stops it
+    row = run_one(args, coco, name, args.profile_loop, amp, device, profiler=prof)  # Timed starts and stops it
     events = prof.key_averages()
     wall_s = row["images_timed"] / row["img_per_s"]
     device_s = sum(e.self_device_time_total for e in events  # kernels (as the table's footer sums them)
                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
-    head = f"{name} ours {row['amp']}: {row['img_per_s']} img/s under the profiler, wall {wall_s:.2f} s"
+    head = f"{name} {args.profile_loop} {row['amp']}: {row['img_per_s']} img/s under the profiler, wall {wall_s:.2f} s"
     if cuda:
         head += f", GPU kernels {device_s:.2f} s ({100 * device_s / wall_s:.0f} % of the wall time)"
     phases = ["phase           where  CPU s  device s  calls"] + [  # the GPU's row: the span of its kernels
@@ -446,9 +461,10 @@ def profile(args, coco: Path, name: str, amp: bool, device: torch.device) -> Non
     print("\n".join(phases), flush=True)
     if cuda:  # a second run, as the profiler's overhead would distort the census and the census the profile
         census = SyncCensus()
-        run_one(args, coco, name, "ours", amp, device, census=census)
+        run_one(args, coco, name, args.profile_loop, amp, device, census=census)
         per_iter = sum(census.sites.values()) / args.iters
-        lines = [f"host-device syncs per timed iteration of ours (no profiler): {per_iter:.1f}, by where from:"]
+        lines = [f"host-device syncs per timed iteration of {args.profile_loop} (no profiler): {per_iter:.1f}, "
+                 "by where from:"]
         lines += [f"{n / args.iters:7.1f}  {site}" for site, n in census.sites.most_common(40)]
         with args.profile.open("a") as f:
             f.write("\n" + "\n".join(lines) + "\n")

@@ -137,6 +137,11 @@ SCHEMA: dict[str, Any] = {
         "gpu_decode": Key(bool, "decode JPEGs on the GPU with nvJPEG in the training loop (device cuda only)", False),
         "parallel_rpn": Key(bool, "R-CNN models on CUDA: filter each image's RPN proposals (NMS) in a thread and CUDA "
                                   "stream of its own, not one image after the other; the same proposals", False),
+        "sync_free_inputs": Key(bool, "Faster/Mask R-CNN, RetinaNet, FCOS: no host-device sync before the backbone "
+                                      "(transform constants kept on the device, boxes checked on the host); the same "
+                                      "losses", False),
+        "sync_free_loss": Key(bool, "FCOS: its head's loss without host-device syncs (masked sums instead of "
+                                    "selections); the same losses up to float rounding", False),
         "mask_targets": Key(("cropped", "full"), "mask models: each object's mask cut to the object (cropped) or "
                                                  "an image-sized bitmap per object (full, torchvision's)", "cropped"),
         "processes": Key(int, "training processes on this machine (torchrun, DistributedDataParallel): one per GPU, "

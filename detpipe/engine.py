@@ -205,6 +205,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, warmup_i
         optimizer, lambda it: lr_factor(it, total_iters, warmup_iters, schedule, tuple(milestones)))
 
 
+def check_boxes(targets) -> None:
+    """Raise a one-line error naming the first box of ``targets`` (host tensors) without a positive width and
+    height: torchvision's models check that on the device (a sync per image), ``train.sync_free_inputs`` here."""
+    for index, target in enumerate(targets):
+        boxes = target["boxes"]
+        if boxes.device.type != "cpu" or not boxes.numel():
+            continue
+        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if bad.any():
+            where = f"image {target['image_id']}" if "image_id" in target else f"target {index} of the batch"
+            raise DetpipeError(f"{where}: box {boxes[bad][0].tolist()} (x1, y1, x2, y2) has no positive width "
+                               "and height")
+
+
 def to_device(images, targets, device: torch.device):
     """uint8 CHW images to float in [0, 1] on ``device``; target tensors moved along."""
     images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
@@ -264,6 +278,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
         images, targets = list(images), list(targets)
         if any(im.dim() == 1 for im in images):  # JPEG bytes (train.gpu_decode): decoded on the device
             images, targets = decode_on_device(images, targets, device, transforms)
+        check_boxes(targets)
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets)

@@ -237,10 +237,11 @@ def _crop_aware_heads_class():
             inference, lie up to half a pixel up and left of their objects, less where its nearest-neighbour resize
             of the masks happens to offset that. These lie within 0.06 px at every scale
             (tests/test_mask_targets.py; docs/performance.md)."""
-            boxes, height, width = boxes.float(), *image_shape  # autocast hands bf16 proposals: too coarse here
-            size = boxes.new_tensor([width, height, width, height])
+            height, width = image_shape
+            x1, y1, x2, y2 = boxes.float().unbind(1)  # autocast hands bf16 proposals: too coarse here
+            relative = torch.stack((x1 / width, y1 / height, x2 / width, y2 / height), 1)  # no copy to the device
             origin, scale = frames[:, [0, 1, 0, 1]], frames[:, [2, 3, 2, 3]]
-            return (boxes / size - origin) * scale - 0.5
+            return (relative - origin) * scale - 0.5
 
         @staticmethod
         def cropped(targets) -> bool:

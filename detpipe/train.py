@@ -34,6 +34,7 @@ from detpipe.files import atomic_dir, atomic_torch_save, read_json_keys, tree_ha
 from detpipe.metrics import named_stats
 from detpipe.models import SMALL, build_from_params, has_masks, load_checkpoint, load_weights
 from detpipe.rpn import parallel_rpn
+from detpipe.syncfree import sync_free_inputs, sync_free_loss
 from detpipe.transforms import train_transforms
 
 CHECKPOINTS = Path(".detpipe/checkpoints")
@@ -260,6 +261,10 @@ def _train(cfg, data_dir: Path, image_root: Path, out: Path, device: torch.devic
                         static_shapes=m.fixed_canvas)
         if t.parallel_rpn:
             parallel_rpn(model)  # R-CNN models: each image's RPN proposals filtered in parallel on CUDA
+        if t.sync_free_inputs:
+            sync_free_inputs(model)  # no host-device sync before the backbone (the loop checks the boxes)
+        if t.sync_free_loss:
+            sync_free_loss(model)  # FCOS: its loss without host-device syncs
         optimizer = engine.build_optimizer(model, t.optimizer, lr=t.lr, momentum=t.momentum,
                                            weight_decay=t.weight_decay, decay_norm_and_bias=t.decay_norm_and_bias,
                                            fused=t.fused_optimizer)

@@ -247,9 +247,14 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
         monkeypatch.setattr(engine, name, spy(name, getattr(engine, name)))
     rpn_calls = []
     monkeypatch.setattr(train, "parallel_rpn", lambda model: rpn_calls.append(model) or False)
+    sync_free, real_sync_free = [], train.sync_free_inputs
+    monkeypatch.setattr(train, "sync_free_inputs", lambda model: sync_free.append(real_sync_free(model)))
+    loss_heads, real_loss = [], train.sync_free_loss
+    monkeypatch.setattr(train, "sync_free_loss",
+                        lambda model: real_loss(model) and loss_heads.append(type(model.head).__name__))
     levers = {"deferred_sync": False, "channels_last": True, "compile": True, "cudnn_benchmark": True,
               "fused_optimizer": True, "pin_memory": False, "prefetch_factor": 3, "persistent_workers": True,
-              "parallel_rpn": True}
+              "parallel_rpn": True, "sync_free_inputs": True, "sync_free_loss": True}
     cfg = config.load(write_tiny_params(tmp_path), [f"train.{k}={str(v).lower()}" for k, v in levers.items()]
                       + ["model.fixed_canvas=true"])
     train.run(cfg, tiny_coco / "coco", tiny_coco / "raw", tmp_path / "out")
@@ -259,6 +264,8 @@ def test_the_train_stage_passes_the_levers_on(tiny_coco, tmp_path, monkeypatch):
     assert seen["speed_up"] == {"channels_last": True, "compile": True, "cudnn_benchmark": True,
                                 "static_shapes": True}  # model.fixed_canvas: one compiled graph per canvas
     assert len(rpn_calls) == 1  # train.parallel_rpn (the tiny FCOS has no RPN: nothing to change)
+    assert sync_free == [True]  # train.sync_free_inputs, applied to the FCOS it then trained
+    assert loss_heads == ["SyncFreeFCOSHead"]  # train.sync_free_loss, likewise
     assert seen["build_optimizer"]["fused"] is True and seen["train_one_epoch"]["deferred_sync"] is False
     assert torch.backends.cudnn.benchmark is True and (tmp_path / "out/model.pt").is_file()
 
