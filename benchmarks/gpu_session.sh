@@ -12,7 +12,9 @@
 #   0a. sync_free: benchmarks.gpu_train_bench --check-rpn, bf16, FCOS, RetinaNet, Faster and Mask R-CNN: the plain
 #      loop, ours (worker decode), with train.sync_free_inputs, with train.sync_free_loss too (FCOS) and with
 #      train.parallel_rpn too (R-CNN); then a profile and sync census of FCOS with both sync-free levers
-#   0b. levers_stages: benchmarks.gpu_check: the train and evaluate stages, bf16, the default model without and with
+#   0b. compile_sync_free: benchmarks.gpu_train_bench --compile, FCOS, bf16: the plain loop against ours with both
+#      sync-free levers and torch.compile of the backbone
+#   0c. levers_stages: benchmarks.gpu_check: the train and evaluate stages, bf16, the default model without and with
 #      the sync-free levers, and Faster R-CNN with parallel_rpn and sync_free_inputs
 #   1. canvas: benchmarks.gpu_train_bench --photo-sizes --cudnn-benchmark off, bf16: images of many sizes, the plain
 #      loop, ours (worker decode), ours with batches grouped by orientation, and that with model.fixed_canvas;
@@ -39,7 +41,7 @@ log=$out/session.log
 budget=${GPU_SESSION_SECONDS:-540}
 smoke=${GPU_SESSION_SMOKE:-0}
 py=${PYTHON:-python3}
-steps=" ${GPU_SESSION_STEPS:-sync_free levers_stages canvas masks train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
+steps=" ${GPU_SESSION_STEPS:-sync_free compile_sync_free levers_stages canvas masks train_bench default stages train_fp32 infer compile} "  # a rerun can name fewer
 export PYTHONUNBUFFERED=1
 failed=0
 skipped=0
@@ -80,6 +82,8 @@ if [ "$smoke" = 1 ]; then
   step sync_free 300 $py -m benchmarks.gpu_train_bench --smoke --check-rpn --models fcos_resnet50_fpn \
     fasterrcnn_resnet50_fpn --loops plain ours-worker-decode ours-sync-free ours-sync-free-loss ours-sync-free-rpn \
     --json "$out/gpu_train_sync_free.json" --profile "$out/profile_sync_free.txt" --profile-loop ours-sync-free-loss
+  step compile_sync_free 300 $py -m benchmarks.gpu_train_bench --smoke --compile --loops plain ours-sync-free-loss \
+    --json "$out/gpu_train_compile_sync_free.json"
   step levers_stages 300 $py -m benchmarks.gpu_check --device cpu --epochs 1 --images 8 \
     --cases amp-bf16 sync-free fasterrcnn-levers --json "$out/gpu_check_levers.json"
   step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --cudnn-benchmark off \
@@ -99,6 +103,8 @@ else
     retinanet_resnet50_fpn fasterrcnn_resnet50_fpn maskrcnn_resnet50_fpn --loops plain ours-worker-decode \
     ours-sync-free ours-sync-free-loss ours-sync-free-rpn --json "$out/gpu_train_sync_free.json" \
     --profile "$out/profile_sync_free.txt" --profile-loop ours-sync-free-loss
+  step compile_sync_free 150 $py -m benchmarks.gpu_train_bench --compile --amp on --loops plain ours-sync-free-loss \
+    --models fcos_resnet50_fpn --json "$out/gpu_train_compile_sync_free.json"
   step levers_stages 170 $py -m benchmarks.gpu_check --epochs 2 --images 64 --cases amp-bf16 sync-free \
     fasterrcnn-levers --json "$out/gpu_check_levers.json"
   step canvas 150 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --cudnn-benchmark off \

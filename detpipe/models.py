@@ -240,7 +240,7 @@ def _crop_aware_heads_class():
             height, width = image_shape
             x1, y1, x2, y2 = boxes.float().unbind(1)  # autocast hands bf16 proposals: too coarse here
             relative = torch.stack((x1 / width, y1 / height, x2 / width, y2 / height), 1)  # no copy to the device
-            origin, scale = frames[:, [0, 1, 0, 1]], frames[:, [2, 3, 2, 3]]
+            origin, scale = frames[:, :2].repeat(1, 2), frames[:, 2:].repeat(1, 2)  # a list index is a device copy
             return (relative - origin) * scale - 0.5
 
         @staticmethod

@@ -159,7 +159,7 @@ class SyncFreeFCOSHead(FCOSHead):
         pred_boxes = self.box_coder.decode(regression, anchors)
         loss_box = torch.where(foreground, _giou_loss(pred_boxes, boxes), 0).sum()
         encoded = self.box_coder.encode(anchors, boxes)
-        left_right, top_bottom = encoded[..., [0, 2]], encoded[..., [1, 3]]
+        left_right, top_bottom = encoded[..., 0::2], encoded[..., 1::2]  # not [0, 2]: a list index is a copy
         centred = torch.sqrt((left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
                              * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0]))
         centred = torch.where(foreground, centred, 0)  # a background anchor's is NaN where it lies outside its box
