@@ -35,7 +35,8 @@ CASES = {  # name -> overrides of the train stage, and whether it runs under tor
     # the GPU speed levers that change the model's code, in the stages themselves (bf16)
     "sync-free": (["train.amp=true", "train.sync_free_inputs=true", "train.sync_free_loss=true"], False),
     "fasterrcnn-levers": (["model.name=fasterrcnn", "train.amp=true", "train.parallel_rpn=true",
-                           "train.sync_free_inputs=true", "train.num_workers=4", "train.persistent_workers=true"], False),
+                           "train.sync_free_inputs=true", "train.num_workers=4", "train.persistent_workers=true"],
+                          False),
 }
 
 

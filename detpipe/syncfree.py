@@ -165,7 +165,8 @@ class SyncFreeFCOSHead(FCOSHead):
         centred = torch.where(foreground, centred, 0)  # a background anchor's is NaN where it lies outside its box
         loss_ctr = F.binary_cross_entropy_with_logits(ctrness.squeeze(dim=2), centred, reduction="none")
         loss_ctr = torch.where(foreground, loss_ctr, 0).sum()
-        return {"classification": loss_cls / count, "bbox_regression": loss_box / count, "bbox_ctrness": loss_ctr / count}
+        return {"classification": loss_cls / count, "bbox_regression": loss_box / count,
+                "bbox_ctrness": loss_ctr / count}
 
 
 def _giou_loss(boxes1, boxes2, eps: float = 1e-7):

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 from detpipe import config, engine
 from detpipe.datasets import collate, cropped_masks
 from detpipe.errors import DetpipeError
-from detpipe.models import build_model
+from detpipe.models import build_from_params, build_model
 from detpipe.syncfree import SyncFreeFCOSHead, SyncFreeTransform, sync_free_inputs, sync_free_loss
 from tests.conftest import ROOT
 
@@ -72,9 +72,10 @@ def test_a_training_step_gives_the_same_losses_and_gradients_bit_for_bit(name, m
 
 
 class ReadBacks(TorchDispatchMode):
-    """Records each read of a meta tensor's values, and each copy of host data to it (:class:`HostCopies`), (what would be a device-to-host sync on a GPU): a number read back
-    (read as 0) or a selection by a boolean mask (its count; read as all true, ``meta_nonzero_assume_all_nonzero``).
-    ``x[mask] = number`` reads nothing (CUDA fills it in place: no sync in the GPU census)."""
+    """Records each read of a meta tensor's values (what would be a device-to-host sync on a GPU): a number read back
+    (read as 0) or a selection by a boolean mask (its count; read as all true, ``meta_nonzero_assume_all_nonzero``);
+    and each copy of host data to it (:class:`HostCopies`). ``x[mask] = number`` reads nothing (CUDA fills it in
+    place: no sync in the GPU census)."""
 
     NUMBERS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
     SELECTIONS = (torch.ops.aten.nonzero.default, torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default,
@@ -202,10 +203,24 @@ def test_other_models_are_left_alone_and_applying_twice_is_harmless():
         SyncFreeTransform) == 1
 
 
-def test_the_params_are_off_by_default():
+def test_the_defaults_have_the_inputs_lever_on_and_the_loss_lever_off():
     """(test_engine's test_the_train_stage_passes_the_levers_on checks that the train stage applies them)"""
     train = config.load(ROOT / "params" / "detpipe.yaml").train
-    assert train.sync_free_inputs is False and train.sync_free_loss is False
+    assert train.sync_free_inputs is True and train.sync_free_loss is False
+
+
+def test_the_default_model_trains_the_same_bit_for_bit():
+    def default_step(lever: bool):
+        torch.manual_seed(0)
+        model = build_from_params(config.load(ROOT / "params" / "detpipe.yaml").model, 4).train()
+        if lever:
+            assert sync_free_inputs(model)
+        return step(model)
+
+    want_losses, want_grads = default_step(False)
+    got_losses, got_grads = default_step(True)
+    assert all(torch.equal(want_losses[k], got_losses[k]) for k in want_losses)
+    assert want_grads.keys() == got_grads.keys() and all(torch.equal(want_grads[k], got_grads[k]) for k in want_grads)
 
 
 def fcos_step(loss: bool, empty_image: bool = True):
