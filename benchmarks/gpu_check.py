@@ -29,7 +29,7 @@ import yaml
 
 CASES = {  # name -> overrides of the train stage, and whether it runs under torchrun
     "fp32": ([], False),
-    "amp-bf16": (["train.amp=true", "train.amp_dtype=bfloat16"], False),
+    "amp-bf16": (["train.amp=true", "train.amp_dtype=bfloat16", "train.sync_free_inputs=false"], False),
     "amp-fp16-scaler": (["train.amp=true", "train.amp_dtype=float16"], False),
     "ddp-1-process": (["train.amp=true"], True),
     # the GPU speed levers that change the model's code, in the stages themselves (bf16)

@@ -206,11 +206,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, warmup_i
 
 
 def check_boxes(targets) -> None:
-    """Raise a one-line error naming the first box of ``targets`` (host tensors) without a positive width and
-    height: torchvision's models check that on the device (a sync per image), ``train.sync_free_inputs`` here."""
+    """Raise a one-line error naming the first box of ``targets`` without a positive width and height:
+    torchvision's models check that on the device after their resize (a sync per image), ``train.sync_free_inputs``
+    here, before the boxes move (no sync for the host tensors of a DataLoader). The dataset layer keeps boxes of
+    at least ``convert.min_box_size`` pixels, which no resize of the model brings to zero."""
     for index, target in enumerate(targets):
         boxes = target["boxes"]
-        if boxes.device.type != "cpu" or not boxes.numel():
+        if not boxes.numel():
             continue
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if bad.any():

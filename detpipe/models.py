@@ -237,11 +237,11 @@ def _crop_aware_heads_class():
             inference, lie up to half a pixel up and left of their objects, less where its nearest-neighbour resize
             of the masks happens to offset that. These lie within 0.06 px at every scale
             (tests/test_mask_targets.py; docs/performance.md)."""
-            height, width = image_shape
-            x1, y1, x2, y2 = boxes.float().unbind(1)  # autocast hands bf16 proposals: too coarse here
-            relative = torch.stack((x1 / width, y1 / height, x2 / width, y2 / height), 1)  # no copy to the device
+            boxes, (height, width) = boxes.float(), image_shape  # autocast hands bf16 proposals: too coarse here
+            size = boxes.new_empty(4)  # filled on the device: no copy from the host (a sync), and a true division
+            size[0::2], size[1::2] = width, height  # (CUDA divides by a Python number with its reciprocal)
             origin, scale = frames[:, :2].repeat(1, 2), frames[:, 2:].repeat(1, 2)  # a list index is a device copy
-            return (relative - origin) * scale - 0.5
+            return (boxes / size - origin) * scale - 0.5
 
         @staticmethod
         def cropped(targets) -> bool:

@@ -14,24 +14,30 @@ losses and gradients are the same bit for bit (tests/test_syncfree.py). Evaluati
 
 Faster and Mask R-CNN, RetinaNet and FCOS get the forward (their loss steps keep their own syncs); every model
 with torchvision's transform (SSD too) gets the transform. Checkpoints and logged models keep torchvision's
-classes (they are built afresh when loaded).
+classes (they are built afresh when loaded); a swapped model pickles, and ``torch.jit.script`` scripts it as
+torchvision's class.
 
 ``train.sync_free_loss`` (:func:`sync_free_loss`, FCOS): the loss of FCOS's head without its seven syncs (a count
 read back, and its foreground anchors selected by boolean masks, each a read of how many there are): the same
 sums over masked tensors instead. With both, an FCOS training step never waits for the GPU. The classification
 loss is the same bit for bit, the box and centre-ness losses differ in float rounding only (the sums run in
-another order; tests/test_syncfree.py).
+another order; tests/test_syncfree.py; on CUDA torchvision divides by a Python number, which CUDA turns into a
+product with its reciprocal, and this by a device count: the classification loss may differ in its last bit).
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import sigmoid_focal_loss
@@ -40,8 +46,7 @@ from torchvision.ops import sigmoid_focal_loss
 def sync_free_inputs(model) -> bool:
     """Give ``model`` (in place) the transform and, for the families above, the training forward of this module.
 
-    False if it has neither torchvision's transform nor one of those forwards. Classes are swapped, as
-    :func:`detpipe.rpn.parallel_rpn` does; a subclass gets a class made from both, this module's methods first."""
+    False if it has neither torchvision's transform nor one of those forwards, or they are a subclass's own."""
     changed = False
     if isinstance(getattr(model, "transform", None), GeneralizedRCNNTransform):
         changed |= _swap(model.transform, SyncFreeTransform)
@@ -59,18 +64,41 @@ def sync_free_loss(model) -> bool:
 
 
 def _swap(module, mixin) -> bool:
-    if not isinstance(module, mixin):
-        base = type(module)
-        module.__class__ = type(f"SyncFree{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+    """Swap ``module``'s class for one with ``mixin``'s methods: the mixin itself (or a class of this module, so
+    pickle finds it) for torchvision's own classes, else a class made from both. A subclass that has its own
+    version of a method the mixin replaces is left as it is (False, with a warning)."""
+    base = type(module)
+    if isinstance(module, mixin):
+        return True
+    own = [name for name in mixin.REPLACES if getattr(base, name) is not getattr(mixin.TORCHVISION, name)]
+    if own:
+        warnings.warn(f"{base.__name__} has its own {', '.join(own)}: left as it is, with its host-device syncs",
+                      stacklevel=3)
+        return False
+    module.__class__ = (mixin if base is mixin.TORCHVISION else _NAMED.get((mixin, base)) or
+                        type(f"SyncFree{base.__name__}", (mixin, base), {"__module__": mixin.__module__}))
     return True
+
+
+class _Swapped:
+    """Shared by this module's classes: ``torch.jit.script`` scripts torchvision's own class (same weights), as
+    it cannot compile these training-only methods."""
+
+    def __prepare_scriptable__(self):
+        plain = copy.copy(self)  # its own __dict__: the cached constants go, not the original's
+        plain.__dict__.pop("_constants", None)
+        plain.__class__ = next(c for c in type(self).__mro__ if c.__module__ != __name__)
+        return plain
 
 
 _NO_BOXES = torch.zeros((0, 4))  # handed to torchvision's resize, which then scales no device boxes
 
 
-class SyncFreeTransform(GeneralizedRCNNTransform):
+class SyncFreeTransform(_Swapped, GeneralizedRCNNTransform):
     """torchvision's transform; in training, its constants kept on the device and the boxes scaled by Python
     numbers (the same float32 ratios it computes)."""
+
+    TORCHVISION, REPLACES = GeneralizedRCNNTransform, ("normalize", "resize")
 
     def normalize(self, image):
         if not (self.training and image.is_floating_point()):
@@ -95,8 +123,10 @@ class SyncFreeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-class _TrainingForward:
+class _TrainingForward(_Swapped):
     """The training forward of torchvision's detectors without the degenerate-box check; in evaluation, theirs."""
+
+    REPLACES = ("forward",)
 
     def forward(self, images, targets=None):
         if not self.training or targets is None or torch.jit.is_scripting():
@@ -114,6 +144,8 @@ class _TrainingForward:
 
 
 class SyncFreeRCNN(_TrainingForward, GeneralizedRCNN):
+    TORCHVISION = GeneralizedRCNN
+
     def losses(self, images, features, targets):
         proposals, proposal_losses = self.rpn(images, features, targets)
         _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
@@ -121,23 +153,38 @@ class SyncFreeRCNN(_TrainingForward, GeneralizedRCNN):
 
 
 class SyncFreeRetinaNet(_TrainingForward, RetinaNet):
+    TORCHVISION = RetinaNet
+
     def losses(self, images, features, targets):
         features = list(features.values())
         return self.compute_loss(targets, self.head(features), self.anchor_generator(images, features))
 
 
 class SyncFreeFCOS(_TrainingForward, FCOS):
+    TORCHVISION = FCOS
+
     def losses(self, images, features, targets):
         features = list(features.values())
         return self.compute_loss(targets, self.head(features), self.anchor_generator(images, features),
                                  [x.size(2) * x.size(3) for x in features])
 
 
+class SyncFreeFasterRCNN(SyncFreeRCNN, FasterRCNN):
+    pass
+
+
+class SyncFreeMaskRCNN(SyncFreeRCNN, MaskRCNN):
+    pass
+
+
 _FORWARDS = {GeneralizedRCNN: SyncFreeRCNN, RetinaNet: SyncFreeRetinaNet, FCOS: SyncFreeFCOS}
+_NAMED = {(SyncFreeRCNN, FasterRCNN): SyncFreeFasterRCNN, (SyncFreeRCNN, MaskRCNN): SyncFreeMaskRCNN}
 
 
-class SyncFreeFCOSHead(FCOSHead):
+class SyncFreeFCOSHead(_Swapped, FCOSHead):
     """torchvision's FCOS head whose loss masks the background anchors out instead of selecting the foreground."""
+
+    TORCHVISION, REPLACES = FCOSHead, ("compute_loss",)
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         cls_logits, regression, ctrness = (head_outputs[k] for k in ("cls_logits", "bbox_regression", "bbox_ctrness"))
@@ -156,7 +203,8 @@ class SyncFreeFCOSHead(FCOSHead):
         one_hot = torch.zeros_like(cls_logits).scatter_(2, classes.clamp(min=0)[..., None],
                                                         foreground[..., None].to(cls_logits.dtype))
         loss_cls = sigmoid_focal_loss(cls_logits, one_hot, reduction="sum")
-        pred_boxes = self.box_coder.decode(regression, anchors)
+        # a background anchor's prediction becomes its target box: an overflowing one (fp16) adds no NaN gradient
+        pred_boxes = torch.where(foreground[..., None], self.box_coder.decode(regression, anchors), boxes)
         loss_box = torch.where(foreground, _giou_loss(pred_boxes, boxes), 0).sum()
         encoded = self.box_coder.encode(anchors, boxes)
         left_right, top_bottom = encoded[..., 0::2], encoded[..., 1::2]  # not [0, 2]: a list index is a copy

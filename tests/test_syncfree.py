@@ -198,9 +198,46 @@ def test_a_degenerate_box_stops_training_before_any_step():
 def test_other_models_are_left_alone_and_applying_twice_is_harmless():
     assert not sync_free_inputs(torch.nn.Linear(2, 2))
     model = model_of("fcos")
-    assert sync_free_inputs(model) and sync_free_inputs(model)
-    assert type(model).__mro__.count(type(model).__mro__[1]) == 1 and type(model.transform).__mro__.count(
-        SyncFreeTransform) == 1
+    assert sync_free_inputs(model)
+    classes = type(model), type(model.transform)
+    assert sync_free_inputs(model) and (type(model), type(model.transform)) == classes
+
+
+def test_a_subclass_with_its_own_forward_keeps_it_with_a_warning():
+    from torchvision.models.detection.fcos import FCOS
+
+    class OwnForward(FCOS):
+        def forward(self, images, targets=None):
+            return super().forward(images, targets)
+
+    model = model_of("fcos")
+    model.__class__ = OwnForward
+    with pytest.warns(UserWarning, match="OwnForward has its own forward: left as it is"):
+        assert sync_free_inputs(model)  # the transform is still swapped
+    assert type(model) is OwnForward and isinstance(model.transform, SyncFreeTransform)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
+                            "ignore:.* always returns a .Losses, Detections. tuple in scripting:UserWarning")
+@pytest.mark.parametrize("name", ["fcos", "retinanet", "fasterrcnn"])
+def test_a_swapped_model_pickles_and_scripts_as_torchvisions(name):
+    import pickle
+
+    model = model_of(name)
+    sync_free_inputs(model)
+    sync_free_loss(model)
+    want_losses, _ = step(model)
+    copy = pickle.loads(pickle.dumps(model))
+    assert type(copy) is type(model) and type(copy.transform) is SyncFreeTransform
+    got_losses, _ = step(copy)
+    assert all(torch.equal(want_losses[k], got_losses[k]) for k in want_losses)
+    plain = model_of(name)
+    plain.load_state_dict(model.state_dict())
+    images, _ = batch()
+    with torch.no_grad():  # a scripted detector returns (losses, detections)
+        want, got = (torch.jit.script(m.eval())(images)[1] for m in (plain, model))
+    assert type(model).__module__ == "detpipe.syncfree"  # scripting used a copy of torchvision's class
+    assert all(torch.equal(w[k], g[k]) for w, g in zip(want, got) for k in w)
 
 
 def test_the_defaults_have_the_inputs_lever_on_and_the_loss_lever_off():
@@ -223,9 +260,10 @@ def test_the_default_model_trains_the_same_bit_for_bit():
     assert want_grads.keys() == got_grads.keys() and all(torch.equal(want_grads[k], got_grads[k]) for k in want_grads)
 
 
-def fcos_step(loss: bool, empty_image: bool = True):
+def fcos_step(loss: bool, empty_image: bool = True, inputs: bool = True):
     model = model_of("fcos")
-    sync_free_inputs(model)
+    if inputs:
+        sync_free_inputs(model)
     if loss:
         assert sync_free_loss(model)
     images, targets = batch()
@@ -236,10 +274,10 @@ def fcos_step(loss: bool, empty_image: bool = True):
     return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("empty_image", [False, True])
-def test_the_fcos_loss_without_syncs_is_torchvisions_up_to_float_rounding(empty_image):
-    want_losses, want_grads = fcos_step(False, empty_image)
-    got_losses, got_grads = fcos_step(True, empty_image)
+@pytest.mark.parametrize("empty_image, inputs", [(False, True), (True, True), (True, False)])
+def test_the_fcos_loss_without_syncs_is_torchvisions_up_to_float_rounding(empty_image, inputs):
+    want_losses, want_grads = fcos_step(False, empty_image, inputs)
+    got_losses, got_grads = fcos_step(True, empty_image, inputs)
     assert list(want_losses) == list(got_losses) == ["classification", "bbox_regression", "bbox_ctrness"]
     assert torch.equal(want_losses["classification"], got_losses["classification"])  # the same sum, bit for bit
     assert all(float(want_losses[k].detach()) > 0 for k in want_losses)
@@ -291,3 +329,40 @@ def test_the_giou_loss_without_masks_is_torchvisions_bit_for_bit():
     got = _giou_loss(a, b)
     assert torch.equal(want, got) and ((want > 1) & (want < 2)).any() and (want < 1).any()
     assert all(torch.equal(w, g) for w, g in zip(want_grads, torch.autograd.grad(got.sum(), (a, b))))
+
+
+def test_an_overflowing_background_prediction_gives_no_nan_gradient(monkeypatch):
+    """fp16 can decode a background anchor's box to inf: torchvision selects it out, masking must not let a NaN in."""
+    from torchvision.models.detection.fcos import FCOSHead
+
+    seen, real = {}, FCOSHead.compute_loss
+    monkeypatch.setattr(FCOSHead, "compute_loss",
+                        lambda self, *args: seen.setdefault("args", args) and real(self, *args))
+    model = model_of("fcos")
+    model(*batch())
+    targets, outputs, anchors, matched = seen["args"]
+    regression = outputs["bbox_regression"].detach().clone()
+    regression[0, torch.where(matched[0] < 0)[0][0]] = float("inf")
+    regression.requires_grad_()
+    outputs = {**{k: v.detach() for k, v in outputs.items()}, "bbox_regression": regression}
+    for head in (FCOSHead, SyncFreeFCOSHead):
+        losses = real(model.head, targets, outputs, anchors, matched) if head is FCOSHead else \
+            SyncFreeFCOSHead.compute_loss(model.head, targets, outputs, anchors, matched)
+        grad, = torch.autograd.grad(sum(losses.values()), regression)
+        assert all(torch.isfinite(v) for v in losses.values()) and torch.isfinite(grad).all(), head.__name__
+
+
+def test_a_batch_without_any_object_gives_torchvisions_fcos_losses():
+    def losses(loss: bool):
+        model = model_of("fcos")
+        sync_free_inputs(model)
+        if loss:
+            sync_free_loss(model)
+        images, _ = batch()
+        return model(images, [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
+                              for _ in images])
+
+    want, got = losses(False), losses(True)
+    assert want["classification"].item() > 0 and all(want[k].item() == 0 for k in ("bbox_regression", "bbox_ctrness"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0)
