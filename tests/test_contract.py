@@ -152,6 +152,7 @@ def test_a_terminated_train_removes_its_temporary_output_and_marks_the_run_kille
     deadline = time.time() + 120
     while not list((cwd / "runs").glob(".train.*.tmp/iter_log.csv")) and time.time() < deadline:
         time.sleep(0.1)
+    assert proc.poll() is None, f"train ended before the signal: {proc.communicate()[1][-3000:]}"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted; no output was written"
