@@ -85,8 +85,7 @@ class _Swapped:
     it cannot compile these training-only methods."""
 
     def __prepare_scriptable__(self):
-        plain = copy.copy(self)  # its own __dict__: the cached constants go, not the original's
-        plain.__dict__.pop("_constants", None)
+        plain = copy.copy(self)  # with its own __dict__
         plain.__class__ = next(c for c in type(self).__mro__ if c.__module__ != __name__)
         return plain
 
@@ -99,6 +98,11 @@ class SyncFreeTransform(_Swapped, GeneralizedRCNNTransform):
     numbers (the same float32 ratios it computes)."""
 
     TORCHVISION, REPLACES = GeneralizedRCNNTransform, ("normalize", "resize")
+
+    def __prepare_scriptable__(self):
+        plain = super().__prepare_scriptable__()
+        plain.__dict__.pop("_constants", None)  # the cache of normalize (a dict TorchScript cannot type)
+        return plain
 
     def normalize(self, image):
         if not (self.training and image.is_floating_point()):
