@@ -14,8 +14,9 @@
 #      train.parallel_rpn too (R-CNN); then a profile and sync census of FCOS with both sync-free levers
 #   0b. compile_sync_free: benchmarks.gpu_train_bench --compile, FCOS, bf16: the plain loop against ours with both
 #      sync-free levers and torch.compile of the backbone
-#   0c. levers_stages: benchmarks.gpu_check: the train and evaluate stages, bf16, the default model without and with
-#      the sync-free levers, and Faster R-CNN with parallel_rpn and sync_free_inputs
+#   0c. levers_stages: benchmarks.gpu_check: the train and evaluate stages, bf16, the default model with the
+#      sync-free levers, and Faster R-CNN with parallel_rpn and sync_free_inputs, its DataLoader workers forked anew
+#      each epoch beside parallel_rpn's threads (the amp-bf16 and fasterrcnn-levers cases: docs/gpu_check_levers.json)
 #   1. canvas: benchmarks.gpu_train_bench --photo-sizes --cudnn-benchmark off, bf16: images of many sizes, the plain
 #      loop, ours (worker decode), ours with batches grouped by orientation, and that with model.fixed_canvas;
 #      Faster R-CNN (measured once with cuDNN's benchmark on: far slower than the plain loop, docs/performance.md)
@@ -85,7 +86,7 @@ if [ "$smoke" = 1 ]; then
   step compile_sync_free 300 $py -m benchmarks.gpu_train_bench --smoke --compile --loops plain ours-sync-free-loss \
     --json "$out/gpu_train_compile_sync_free.json"
   step levers_stages 300 $py -m benchmarks.gpu_check --device cpu --epochs 1 --images 8 \
-    --cases amp-bf16 sync-free fasterrcnn-levers --json "$out/gpu_check_levers.json"
+    --cases sync-free fasterrcnn-levers-forked --json "$out/gpu_check_levers.json"
   step canvas 300 $py -m benchmarks.gpu_train_bench --smoke --photo-sizes --cudnn-benchmark off \
     --loops plain ours-worker-decode ours-grouped ours-canvas --json "$out/gpu_train_canvas.json"
   step masks 300 $py -m benchmarks.gpu_train_bench --smoke --models maskrcnn_resnet50_fpn --amp on \
@@ -105,8 +106,8 @@ else
     --profile "$out/profile_sync_free.txt" --profile-loop ours-sync-free-loss
   step compile_sync_free 150 $py -m benchmarks.gpu_train_bench --compile --amp on --loops plain ours-sync-free-loss \
     --models fcos_resnet50_fpn --json "$out/gpu_train_compile_sync_free.json"
-  step levers_stages 170 $py -m benchmarks.gpu_check --epochs 2 --images 64 --cases amp-bf16 sync-free \
-    fasterrcnn-levers --json "$out/gpu_check_levers.json"
+  step levers_stages 150 $py -m benchmarks.gpu_check --epochs 3 --images 64 --cases sync-free \
+    fasterrcnn-levers-forked --json "$out/gpu_check_levers.json"
   step canvas 150 $py -m benchmarks.gpu_train_bench --photo-sizes --amp on --cudnn-benchmark off \
     --loops plain ours-worker-decode ours-grouped ours-canvas --models fasterrcnn_resnet50_fpn \
     --json "$out/gpu_train_canvas.json"
