@@ -119,6 +119,7 @@ def test_models_without_an_rpn_are_left_alone_and_applying_twice_is_harmless():
     assert type(model.rpn).__mro__.count(ParallelRPN) == 1
 
 
-def test_the_param_is_off_by_default():
+def test_the_param_is_on_in_the_project_params_and_off_in_the_schema():
     """(test_engine's test_the_train_stage_passes_the_levers_on checks that the train stage applies it)"""
-    assert config.load(ROOT / "params" / "detpipe.yaml").train.parallel_rpn is False
+    assert config.load(ROOT / "params" / "detpipe.yaml").train.parallel_rpn is True
+    assert config.SCHEMA["train"]["parallel_rpn"].default is False
