@@ -1,7 +1,7 @@
 """One call that checks the CUDA path of the train and evaluate stages: AMP with bfloat16 and with float16
 (gradient scaler), DistributedDataParallel with one process under torchrun, and the speed levers that change the
-model's code (``sync_free_inputs``, ``sync_free_loss``, ``parallel_rpn`` on Faster R-CNN, with DataLoader workers kept and
-forked anew each epoch beside its threads).
+model's code (``sync_free_inputs``, ``sync_free_loss``, ``parallel_rpn`` on Faster R-CNN, with DataLoader workers
+kept and forked anew each epoch beside its threads).
 
     python -m benchmarks.gpu_check --json gpu_check.json            # on a machine with a GPU
     python -m benchmarks.gpu_check --device cpu                      # the same steps on the CPU (AMP is ignored)

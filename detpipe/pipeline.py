@@ -30,7 +30,7 @@ LOGS = "logs"
 # Layers, lowest first: a module imports only from its own layer or below (tests/test_layers.py).
 CORE = ("errors", "files", "images", "distributed", "synthetic", "archives", "formats", "formats.coco", "formats.kitti",
         "formats.via", "formats.voc", "formats.yolo", "formats.middle", "conversion", "transforms", "datasets",
-        "models", "rpn", "syncfree", "metrics", "analysis", "engine", "visualize", "cli")
+        "models", "swap", "rpn", "syncfree", "metrics", "analysis", "engine", "visualize", "cli")
 SERVICES = ("config", "tracking")
 STAGE_MODULES = ("download", "convert", "train", "evaluate", "report", "apis", "infer", "compare")
 LAYERS = (CORE, SERVICES, STAGE_MODULES, ("pipeline",))
@@ -90,7 +90,7 @@ STAGES = {s.name: s for s in [
           modules=(*_BASE, *_FORMATS, "conversion", "convert")),
     Stage("train", args={"data": COCO, "images": RAW, "out": TRAIN}, deps=[RAW, COCO], outs=[TRAIN],
           params={PARAMS: list(TRAINING_KEYS), **_PRESET},
-          modules=(*_BASE, *_MODEL, "rpn", "syncfree", "train")),
+          modules=(*_BASE, *_MODEL, "swap", "rpn", "syncfree", "train")),
     Stage("evaluate", args={"data": COCO, "images": RAW, "model": TRAIN, "out": EVAL}, deps=[RAW, COCO, TRAIN],
           outs=[*EVAL_FILES, *EVAL_ANALYSIS], params={PARAMS: ["preset", "device", "threads", "evaluate"], **_PRESET},
           modules=(*_BASE, *_MODEL, "analysis", "evaluate"), metrics=[f"{EVAL}/metrics.json"]),

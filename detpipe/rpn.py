@@ -9,7 +9,8 @@ images' kernels and waits overlap. The steps and their inputs are torchvision's,
 bit for bit (tests/test_rpn.py; on a GPU, ``benchmarks.gpu_train_bench --check-rpn``).
 
 Only in training, only on CUDA: elsewhere torchvision's own loop runs. Applied by :func:`parallel_rpn` in the
-train stage (``train.parallel_rpn``); checkpoints and logged models keep torchvision's class. Images beyond
+train stage (``train.parallel_rpn``); checkpoints and logged models keep torchvision's class, and
+``torch.jit.script`` scripts the RPN as torchvision's. Images beyond
 :data:`MAX_THREADS` in one batch share the streams (and the threads) in turn.
 """
 
@@ -23,21 +24,17 @@ import torch
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
+from detpipe.swap import Lever, swap
+
 MAX_THREADS = 32  # threads of the pool (started as needed); a larger batch's images share them
 
 
 def parallel_rpn(model) -> bool:
-    """Filter the proposals of ``model``'s RPN image by image in parallel (in place); False if it has no RPN.
-
-    torchvision's own RegionProposalNetwork becomes :class:`ParallelRPN` (picklable by name); a subclass of it gets
-    a class made from both, whose own ``filter_proposals``, if it has one, gives way to this one."""
+    """Filter the proposals of ``model``'s RPN image by image in parallel (in place); False if it has no RPN, or its
+    RPN has its own ``filter_proposals`` (kept, with a warning). The RPN's class is swapped (detpipe.swap):
+    torchvision's own RegionProposalNetwork becomes :class:`ParallelRPN` (picklable by name)."""
     rpn = getattr(model, "rpn", None)
-    if not isinstance(rpn, RegionProposalNetwork):
-        return False
-    if not isinstance(rpn, ParallelRPN):
-        rpn.__class__ = (ParallelRPN if type(rpn) is RegionProposalNetwork else
-                         type(f"Parallel{type(rpn).__name__}", (ParallelRPN, type(rpn)), {}))
-    return True
+    return isinstance(rpn, RegionProposalNetwork) and swap(rpn, ParallelRPN)
 
 
 class _Workers:
@@ -62,8 +59,10 @@ def _workers(device: torch.device) -> _Workers:
     return _Workers(device)
 
 
-class ParallelRPN(RegionProposalNetwork):
+class ParallelRPN(Lever, RegionProposalNetwork):
     """torchvision's RegionProposalNetwork whose training-time :meth:`filter_proposals` runs per image in threads."""
+
+    TORCHVISION, REPLACES, PREFIX = RegionProposalNetwork, ("filter_proposals",), "Parallel"
 
     parallel_on_cpu = False  # tests set it to run the threaded path on a CPU
 

@@ -13,9 +13,9 @@ and the model skips its degenerate-box check: the training loop checks the boxes
 losses and gradients are the same bit for bit (tests/test_syncfree.py). Evaluation runs torchvision's own code.
 
 Faster and Mask R-CNN, RetinaNet and FCOS get the forward (their loss steps keep their own syncs); every model
-with torchvision's transform (SSD too) gets the transform. Checkpoints and logged models keep torchvision's
-classes (they are built afresh when loaded); a swapped model pickles, and ``torch.jit.script`` scripts it as
-torchvision's class.
+with torchvision's transform (SSD too) gets the transform, by detpipe.swap (a subclass's own version of a replaced
+method is kept, with a warning). Checkpoints and logged models keep torchvision's classes (they are built afresh
+when loaded); a swapped model pickles, and ``torch.jit.script`` scripts it as torchvision's class.
 
 ``train.sync_free_loss`` (:func:`sync_free_loss`, FCOS): the loss of FCOS's head without its seven syncs (a count
 read back, and its foreground anchors selected by boolean masks, each a read of how many there are): the same
@@ -27,8 +27,6 @@ product with its reciprocal, and this by a device count: the classification loss
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -42,6 +40,8 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import sigmoid_focal_loss
 
+from detpipe.swap import Lever, swap
+
 
 def sync_free_inputs(model) -> bool:
     """Give ``model`` (in place) the transform and, for the families above, the training forward of this module.
@@ -49,10 +49,10 @@ def sync_free_inputs(model) -> bool:
     False if it has neither torchvision's transform nor one of those forwards, or they are a subclass's own."""
     changed = False
     if isinstance(getattr(model, "transform", None), GeneralizedRCNNTransform):
-        changed |= _swap(model.transform, SyncFreeTransform)
+        changed |= swap(model.transform, SyncFreeTransform)
     for family, forward in _FORWARDS.items():
         if isinstance(model, family):
-            changed |= _swap(model, forward)
+            changed |= swap(model, forward, _NAMED)
             break
     return changed
 
@@ -60,40 +60,17 @@ def sync_free_inputs(model) -> bool:
 def sync_free_loss(model) -> bool:
     """Give an FCOS model's head (in place) the loss of :class:`SyncFreeFCOSHead`; False for other models."""
     head = getattr(model, "head", None)
-    return isinstance(model, FCOS) and isinstance(head, FCOSHead) and _swap(head, SyncFreeFCOSHead)
+    return isinstance(model, FCOS) and isinstance(head, FCOSHead) and swap(head, SyncFreeFCOSHead)
 
 
-def _swap(module, mixin) -> bool:
-    """Swap ``module``'s class for one with ``mixin``'s methods: the mixin itself (or a class of this module, so
-    pickle finds it) for torchvision's own classes, else a class made from both. A subclass that has its own
-    version of a method the mixin replaces is left as it is (False, with a warning)."""
-    base = type(module)
-    if isinstance(module, mixin):
-        return True
-    own = [name for name in mixin.REPLACES if getattr(base, name) is not getattr(mixin.TORCHVISION, name)]
-    if own:
-        warnings.warn(f"{base.__name__} has its own {', '.join(own)}: left as it is, with its host-device syncs",
-                      stacklevel=3)
-        return False
-    module.__class__ = (mixin if base is mixin.TORCHVISION else _NAMED.get((mixin, base)) or
-                        type(f"SyncFree{base.__name__}", (mixin, base), {"__module__": mixin.__module__}))
-    return True
-
-
-class _Swapped:
-    """Shared by this module's classes: ``torch.jit.script`` scripts torchvision's own class (same weights), as
-    it cannot compile these training-only methods."""
-
-    def __prepare_scriptable__(self):
-        plain = copy.copy(self)  # with its own __dict__
-        plain.__class__ = next(c for c in type(self).__mro__ if c.__module__ != __name__)
-        return plain
+class _SyncFree(Lever):
+    PREFIX = "SyncFree"
 
 
 _NO_BOXES = torch.zeros((0, 4))  # handed to torchvision's resize, which then scales no device boxes
 
 
-class SyncFreeTransform(_Swapped, GeneralizedRCNNTransform):
+class SyncFreeTransform(_SyncFree, GeneralizedRCNNTransform):
     """torchvision's transform; in training, its constants kept on the device and the boxes scaled by Python
     numbers (the same float32 ratios it computes)."""
 
@@ -127,7 +104,7 @@ class SyncFreeTransform(_Swapped, GeneralizedRCNNTransform):
         return image, target
 
 
-class _TrainingForward(_Swapped):
+class _TrainingForward(_SyncFree):
     """The training forward of torchvision's detectors without the degenerate-box check; in evaluation, theirs."""
 
     REPLACES = ("forward",)
@@ -182,10 +159,10 @@ class SyncFreeMaskRCNN(SyncFreeRCNN, MaskRCNN):
 
 
 _FORWARDS = {GeneralizedRCNN: SyncFreeRCNN, RetinaNet: SyncFreeRetinaNet, FCOS: SyncFreeFCOS}
-_NAMED = {(SyncFreeRCNN, FasterRCNN): SyncFreeFasterRCNN, (SyncFreeRCNN, MaskRCNN): SyncFreeMaskRCNN}
+_NAMED = {FasterRCNN: SyncFreeFasterRCNN, MaskRCNN: SyncFreeMaskRCNN}  # importable: the models pickle
 
 
-class SyncFreeFCOSHead(_Swapped, FCOSHead):
+class SyncFreeFCOSHead(_SyncFree, FCOSHead):
     """torchvision's FCOS head whose loss masks the background anchors out instead of selecting the foreground."""
 
     TORCHVISION, REPLACES = FCOSHead, ("compute_loss",)

@@ -119,6 +119,24 @@ def test_models_without_an_rpn_are_left_alone_and_applying_twice_is_harmless():
     assert type(model.rpn).__mro__.count(ParallelRPN) == 1
 
 
+def test_a_subclass_with_its_own_filtering_keeps_it_with_a_warning_and_one_without_gets_the_threads():
+    class OwnFiltering(RegionProposalNetwork):
+        def filter_proposals(self, *args):
+            return super().filter_proposals(*args)
+
+    class Plain(RegionProposalNetwork):
+        pass
+
+    model = build_model("fasterrcnn", "resnet10", 3, min_size=128, max_size=160, fpn_channels=32)
+    model.rpn.__class__ = OwnFiltering
+    with pytest.warns(UserWarning, match="OwnFiltering has its own filter_proposals: left as it is"):
+        assert not parallel_rpn(model)
+    assert type(model.rpn) is OwnFiltering
+    model.rpn.__class__ = Plain
+    assert parallel_rpn(model)
+    assert type(model.rpn).__name__ == "ParallelPlain" and isinstance(model.rpn, (ParallelRPN, Plain))
+
+
 def test_the_param_is_on_in_the_project_params_and_off_in_the_schema():
     """(test_engine's test_the_train_stage_passes_the_levers_on checks that the train stage applies it)"""
     assert config.load(ROOT / "params" / "detpipe.yaml").train.parallel_rpn is True

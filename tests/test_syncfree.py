@@ -223,12 +223,16 @@ def test_a_subclass_with_its_own_forward_keeps_it_with_a_warning():
 def test_a_swapped_model_pickles_and_scripts_as_torchvisions(name):
     import pickle
 
+    from detpipe.rpn import ParallelRPN, parallel_rpn
+
     model = model_of(name)
     sync_free_inputs(model)
     sync_free_loss(model)
+    assert parallel_rpn(model) == (name == "fasterrcnn")  # the train stage's levers all at once
     want_losses, _ = step(model)
     copy = pickle.loads(pickle.dumps(model))
     assert type(copy) is type(model) and type(copy.transform) is SyncFreeTransform
+    assert isinstance(getattr(copy, "rpn", None), ParallelRPN) == (name == "fasterrcnn")
     got_losses, _ = step(copy)
     assert all(torch.equal(want_losses[k], got_losses[k]) for k in want_losses)
     plain = model_of(name)
@@ -236,7 +240,7 @@ def test_a_swapped_model_pickles_and_scripts_as_torchvisions(name):
     images, _ = batch()
     with torch.no_grad():  # a scripted detector returns (losses, detections)
         want, got = (torch.jit.script(m.eval())(images)[1] for m in (plain, model))
-    assert type(model).__module__ == "detpipe.syncfree"  # scripting used a copy of torchvision's class
+    assert type(model).__module__ == "detpipe.syncfree"  # scripting used copies with torchvision's classes
     assert all(torch.equal(w[k], g[k]) for w, g in zip(want, got) for k in w)
 
 
