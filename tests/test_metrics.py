@@ -402,3 +402,18 @@ def test_train_and_evaluate_stages_score_with_pycocotools_when_asked(converted, 
     result = subprocess.run([sys.executable, "-c", "import ultrafast_pycocotools"], capture_output=True, text=True,
                             env={**os.environ, **env})
     assert result.returncode == 1 and "used with backend pycocotools" in result.stderr
+
+
+def test_the_evaluation_benchmark_runs_at_a_toy_size(tmp_path):
+    """benchmarks/bench_eval on 20 images: both backends agree exactly, every step is timed, the JSON is written."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_eval", "--images", "20", "--dets", "10",
+                           "--classes", "5", "--repeats", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["identical"] is True and result["detections"] == 200
+    steps = ("pycocotools", BACKENDS[0], "predictions", "predictions_format", "predictions_write", "per_class",
+             "stage_files", "own_work")
+    assert all(result["seconds"][k]["cpu"] >= 0 for k in steps) and result["seconds"]["pycocotools"]["cpu"] > 0
+    assert "own work / library time" in done.stdout and "identical: yes" in done.stdout
