@@ -63,6 +63,7 @@ class ParallelRPN(Lever, RegionProposalNetwork):
     """torchvision's RegionProposalNetwork whose training-time :meth:`filter_proposals` runs per image in threads."""
 
     TORCHVISION, REPLACES, PREFIX = RegionProposalNetwork, ("filter_proposals",), "Parallel"
+    KEPT = "its proposals filtered one image after the other"
 
     parallel_on_cpu = False  # tests set it to run the threaded path on a CPU
 

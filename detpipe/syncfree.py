@@ -15,7 +15,7 @@ losses and gradients are the same bit for bit (tests/test_syncfree.py). Evaluati
 Faster and Mask R-CNN, RetinaNet and FCOS get the forward (their loss steps keep their own syncs); every model
 with torchvision's transform (SSD too) gets the transform, by detpipe.swap (a subclass's own version of a replaced
 method is kept, with a warning). Checkpoints and logged models keep torchvision's classes (they are built afresh
-when loaded); a swapped model pickles, and ``torch.jit.script`` scripts it as torchvision's class.
+when loaded); a swapped torchvision model pickles, and ``torch.jit.script`` scripts it as torchvision's class.
 
 ``train.sync_free_loss`` (:func:`sync_free_loss`, FCOS): the loss of FCOS's head without its seven syncs (a count
 read back, and its foreground anchors selected by boolean masks, each a read of how many there are): the same
@@ -64,7 +64,7 @@ def sync_free_loss(model) -> bool:
 
 
 class _SyncFree(Lever):
-    PREFIX = "SyncFree"
+    PREFIX, KEPT = "SyncFree", "with its host-device syncs"
 
 
 _NO_BOXES = torch.zeros((0, 4))  # handed to torchvision's resize, which then scales no device boxes

@@ -134,7 +134,12 @@ def test_a_subclass_with_its_own_filtering_keeps_it_with_a_warning_and_one_witho
     assert type(model.rpn) is OwnFiltering
     model.rpn.__class__ = Plain
     assert parallel_rpn(model)
-    assert type(model.rpn).__name__ == "ParallelPlain" and isinstance(model.rpn, (ParallelRPN, Plain))
+    made = type(model.rpn)
+    assert made.__name__ == "ParallelPlain" and isinstance(model.rpn, ParallelRPN) and isinstance(model.rpn, Plain)
+    assert type(model.rpn.__prepare_scriptable__()) is Plain  # scripted as the class it had
+    other = build_model("fasterrcnn", "resnet10", 3, min_size=128, max_size=160, fpn_channels=32)
+    other.rpn.__class__ = Plain
+    assert parallel_rpn(other) and type(other.rpn) is made  # one class per subclass
 
 
 def test_the_param_is_on_in_the_project_params_and_off_in_the_schema():
