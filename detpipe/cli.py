@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, terminate
 
 # Input folders the later stages read, by flag: default (the pipeline's layout) and meaning.
 INPUTS = {
@@ -31,16 +31,12 @@ def parser(description: str, *inputs: str) -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # so that temporary outputs are removed on the way out, as for Ctrl-C
-
-
 def main(fn: Callable[[], None]) -> None:
     """Run a stage; a user error becomes ``error: <one line>`` on stderr and exit status 2.
 
     SIGTERM (what Snakemake and DVC send to a cancelled job) unwinds like Ctrl-C: no temporary output stays.
     """
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)  # temporary outputs removed, as for Ctrl-C
     try:
         fn()
     except DetpipeError as exc:

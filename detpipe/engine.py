@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from detpipe import distributed
 from detpipe.datasets import CocoDetection, collate, decode_on_device
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, check_terminated
 from detpipe.metrics import coco_evaluate, write_json_bytes
 from detpipe.transforms import seed_worker
 
@@ -277,6 +277,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
         return rows[-1][-1]
 
     for images, targets in loader:
+        check_terminated()  # a SIGTERM whose KeyboardInterrupt a finaliser swallowed
         images, targets = list(images), list(targets)
         if any(im.dim() == 1 for im in images):  # JPEG bytes (train.gpu_decode): decoded on the device
             images, targets = decode_on_device(images, targets, device, transforms)
@@ -327,6 +328,7 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
     results = []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     for images, targets in loader:
+        check_terminated()
         images, _ = to_device(list(images), [], device)
         outputs = model(images)
         for out, target in zip(outputs, targets):

@@ -1,4 +1,7 @@
-"""The one exception type for mistakes a user can make; stage scripts print it as one line and exit 2."""
+"""The one exception type for mistakes a user can make (stage scripts print it as one line and exit 2), and the
+termination that SIGTERM asks for (stage scripts then remove their temporary output and exit 130)."""
+
+_terminated = False
 
 
 class DetpipeError(Exception):
@@ -9,3 +12,19 @@ def listing(items: list[str], n: int = 5) -> str:
     """The first ``n`` of ``items`` and how many more: for errors that list every problem of a kind."""
     more = f" (and {len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def terminate(signum=None, frame=None) -> None:
+    """SIGTERM's handler (detpipe.cli): unwind like Ctrl-C, once. A later SIGTERM does not interrupt that unwinding
+    (the removal of temporary output). Where the first one's KeyboardInterrupt is lost, raised inside a finaliser,
+    which Python reports and ignores, :func:`check_terminated` raises it again at the loops' next step."""
+    global _terminated
+    if not _terminated:
+        _terminated = True
+        raise KeyboardInterrupt
+
+
+def check_terminated() -> None:
+    """Raise KeyboardInterrupt if SIGTERM arrived: called once per step by the training and prediction loops."""
+    if _terminated:
+        raise KeyboardInterrupt

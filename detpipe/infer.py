@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from detpipe import apis
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, check_terminated
 from detpipe.files import atomic_dir, check_output_folder, write_text
 from detpipe.images import read_rgb
 
@@ -135,6 +135,7 @@ def _frames(capture, first, max_frames: int | None, stop: threading.Event) -> It
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
+        check_terminated()  # a SIGTERM whose KeyboardInterrupt a finaliser swallowed (detpipe.errors)
         yield batch
 
 

@@ -155,9 +155,56 @@ def test_a_terminated_train_removes_its_temporary_output_and_marks_the_run_kille
     assert proc.poll() is None, f"train ended before the signal: {proc.communicate()[1][-3000:]}"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted; no output was written"
+    assert proc.returncode == 130, f"exit {proc.returncode} after SIGTERM: {stderr[-3000:]}"
+    assert stderr.strip().splitlines()[-1] == "error: interrupted; no output was written"
     assert not (cwd / "runs").exists() or list((cwd / "runs").iterdir()) == []
     assert [status for _, status in mlflow_runs(cwd)] == ["KILLED"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost KeyboardInterrupt
+def test_a_sigterm_lost_in_a_finaliser_stops_the_next_step_and_a_second_one_lets_the_unwinding_finish(monkeypatch):
+    """Python reports and ignores an exception raised inside a finaliser (``__del__``, a weakref callback): a
+    SIGTERM handled there would be lost, and the stage would run to its end with exit 0. The loops' next step
+    raises it again; a second SIGTERM does not interrupt the unwinding that the first began."""
+    from detpipe import errors
+
+    monkeypatch.setattr(errors, "_terminated", False)
+
+    class Finalised:
+        def __del__(self):
+            errors.terminate()  # as if the signal arrived while this ran
+
+    Finalised()  # "Exception ignored in ...": the KeyboardInterrupt is lost here
+    with pytest.raises(KeyboardInterrupt):
+        errors.check_terminated()
+    errors.terminate()  # a second SIGTERM during the unwinding: no new KeyboardInterrupt
+
+
+def test_the_training_and_prediction_loops_stop_at_their_next_step_after_a_lost_sigterm(monkeypatch):
+    import torch
+
+    from detpipe import engine, errors
+    from detpipe.models import build_model
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.rand(3, 64, 64), {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]),
+                                           "labels": torch.tensor([1]), "image_id": i}
+
+    model = build_model("fcos", "resnet10", 2, min_size=64, max_size=64, fpn_channels=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    loader = torch.utils.data.DataLoader(Images(), batch_size=1, collate_fn=engine.collate)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(errors, "_terminated", True)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_one_epoch(model, optimizer, scheduler, loader, torch.device("cpu"), 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # stopped before its first step
+    with pytest.raises(KeyboardInterrupt):
+        engine.predict(model, Images(), torch.device("cpu"), batch_size=1)
 
 
 @pytest.mark.slow
