@@ -4,7 +4,8 @@
 
 A seeded COCO-style set (5,000 640x480 images, 80 classes, 2-12 objects per image of every area range,
 2 % crowd regions, 100 detections per image: jittered copies of 90 % of the objects and random false
-positives, rounded as ``engine.predict`` rounds them) is scored by each backend as
+positives, made COCO result dicts by ``engine.predict``'s :func:`detpipe.metrics.coco_results`, timed, and
+for comparison one detection at a time, as before: both must agree) is scored by each backend as
 :func:`detpipe.metrics.coco_evaluate` runs it. The library's time: load the ground truth and the results
 files, evaluate, accumulate, summarize. The stats, the precision/recall/scores arrays and the per-class
 APs of both backends must be identical (exit status 1 if not).
@@ -12,9 +13,10 @@ APs of both backends must be identical (exit status 1 if not).
 detpipe's own work, as a share of the default backend's library time, as the evaluate stage does it: writing
 ``predictions.json``, which the library then reads together with the split's COCO file as the convert stage
 wrote it (written here untimed), the per-class AP table, and the stage's other COCO files (``per_class.csv``,
-``metrics.json``). The fast steps are the best of ``--repeats`` runs; pycocotools runs once. The whole
-``coco_evaluate`` call given the two files is timed too, as a check, and for comparison the call without them
-(it writes both inputs to a temporary folder first, as the train stage's per-epoch validation does).
+``metrics.json``); and that share again with the result dicts made from the model's outputs. The fast steps
+are the best of ``--repeats`` runs; pycocotools runs once. The whole ``coco_evaluate`` call given the two files
+is timed too, as a check, and for comparison the call without them (it writes both inputs to a temporary
+folder first, as the train stage's per-epoch validation does).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ FAST = metrics.BACKENDS[0]
 WIDTH, HEIGHT = 640, 480
 
 
-def make_set(num_images: int, dets_per_image: int, num_classes: int, seed: int) -> tuple[dict, list[dict]]:
+def make_set(num_images: int, dets_per_image: int, num_classes: int, seed: int) -> tuple[dict, list[tuple]]:
+    """The ground truth, and each image's detections as the model hands them to ``engine.predict``: (image id,
+    float32 boxes x1 y1 x2 y2, float32 scores, labels 1..num_classes)."""
     rng = np.random.default_rng(seed)
-    images, annotations, dets = [], [], []
+    images, annotations, outputs = [], [], []
     for image_id in range(1, num_images + 1):
         images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": WIDTH, "height": HEIGHT})
         n = int(rng.integers(2, 13))
@@ -57,12 +61,29 @@ def make_set(num_images: int, dets_per_image: int, num_classes: int, seed: int) 
         size = np.hstack([wh[found], wh[found]])
         jittered = np.hstack([xy[found], wh[found]]) + rng.uniform(-0.15, 0.15, (m, 4)) * size
         boxes = np.concatenate([jittered, _random_boxes(rng, dets_per_image - m)])
+        boxes[:, 2:] += boxes[:, :2]  # x1 y1 x2 y2
         labels = np.concatenate([cats[found], rng.integers(1, num_classes + 1, dets_per_image - m)])
         scores = np.concatenate([rng.uniform(0.3, 1, m), rng.uniform(0.05, 0.8, dets_per_image - m)])
-        for box, label, score in zip(boxes.round(2).tolist(), labels.tolist(), scores.round(4).tolist()):
-            dets.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score})
+        outputs.append((image_id, boxes.astype(np.float32), scores.astype(np.float32), labels))
     categories = [{"id": k, "name": f"class{k}", "supercategory": "object"} for k in range(1, num_classes + 1)]
-    return {"images": images, "annotations": annotations, "categories": categories}, dets
+    return {"images": images, "annotations": annotations, "categories": categories}, outputs
+
+
+def results_of(outputs: list[tuple], cat_ids: list[int]) -> list[dict]:
+    """What ``engine.predict`` makes of the model's outputs: COCO result dicts, image by image."""
+    return metrics.coco_results(outputs, cat_ids)
+
+
+def results_one_by_one(outputs: list[tuple], cat_ids: list[int]) -> list[dict]:
+    """For comparison: the same, one detection at a time with Python's round (``engine.predict`` until 2026-11-27)."""
+    dets = []
+    for image_id, boxes, scores, labels in outputs:
+        for j in range(len(scores)):
+            x1, y1, x2, y2 = (float(v) for v in boxes[j])
+            dets.append({"image_id": image_id, "category_id": cat_ids[int(labels[j]) - 1],
+                         "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                         "score": round(float(scores[j]), 4)})
+    return dets
 
 
 def _random_boxes(rng, n: int) -> np.ndarray:
@@ -123,12 +144,17 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
-    _, gen_s, (gt, dets) = timed(make_set, args.images, args.dets, args.classes, args.seed)
+    _, gen_s, (gt, outputs) = timed(make_set, args.images, args.dets, args.classes, args.seed)
+    cat_ids = [c["id"] for c in gt["categories"]]
+    t = {}
+    *t["results"], dets = best(args.repeats, results_of, outputs, cat_ids)
+    *t["results_one_by_one"], slow_dets = timed(results_one_by_one, outputs, cat_ids)
+    same_results = slow_dets == dets
+    del slow_dets
     print(f"{args.images} images, {len(gt['annotations'])} objects "
           f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(dets)} detections "
           f"(generated in {gen_s:.1f} s)")
     names = {c["id"]: c["name"] for c in gt["categories"]}
-    t = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = tmp / "val.json", tmp / "predictions.json"
@@ -149,10 +175,12 @@ def main() -> int:
     *t["from_dicts"], _ = min((from_dicts(gt, dets) for _ in range(args.repeats)), key=lambda r: r[0])
     identical = ([float(v) for v in slow.stats] == [float(v) for v in fast.stats]
                  and all(np.array_equal(slow.eval[k], fast.eval[k]) for k in ("precision", "recall", "scores"))
-                 and per_class == metrics.per_class_ap(slow, names))
+                 and per_class == metrics.per_class_ap(slow, names) and same_results)
     t["own_work"] = [sum(t[k][i] for k in ("predictions", "per_class", "stage_files")) for i in (0, 1)]
+    t["own_work_with_results"] = [t["own_work"][i] + t["results"][i] for i in (0, 1)]
     speedup = [t["pycocotools"][i] / t[FAST][i] for i in (0, 1)]
     share = [100 * t["own_work"][i] / t[FAST][i] for i in (0, 1)]
+    share_with_results = [100 * t["own_work_with_results"][i] / t[FAST][i] for i in (0, 1)]
 
     rows = [("pycocotools: library s", *t["pycocotools"]),
             (f"{FAST}: library s", *t[FAST]),
@@ -164,6 +192,9 @@ def main() -> int:
             ("detpipe: evaluate stage's other files s (per_class.csv, metrics.json)", *t["stage_files"]),
             ("detpipe's own work s", *t["own_work"]),
             ("**own work / library time** % (goal <= 10 %)", *share),
+            ("detpipe: the model's outputs made COCO result dicts (engine.predict) s", *t["results"]),
+            ("  before: one detection at a time s", *t["results_one_by_one"]),
+            ("own work with the result dicts / library time %", *share_with_results),
             (f"check: the whole coco_evaluate call with {FAST}, given the two files s", *t["coco_evaluate"]),
             ("for comparison: coco_evaluate writing both inputs to temporary files s", *t["coco_evaluate_temp_files"]),
             (f"for comparison: {FAST} given the dicts instead of files s", *t["from_dicts"]),
@@ -171,7 +202,8 @@ def main() -> int:
     print("\n| measure | CPU | wall |\n| --- | --- | --- |")
     for name, cpu, wall in rows:
         print(f"| {name} | {cpu:.3g} | {wall:.3g} |")
-    print(f"\n12 stats, precision/recall/scores arrays and per-class AP identical: {'yes' if identical else 'NO'}; "
+    print(f"\n12 stats, precision/recall/scores arrays and per-class AP identical, and the result dicts made both "
+          f"ways: {'yes' if identical else 'NO'}; "
           f"mAP {fast.stats[0]:.4f}\nmachine: {machine()}, Python {platform.python_version()}")
     if args.json:
         write_json(args.json, {
@@ -181,7 +213,9 @@ def main() -> int:
             "stats": dict(zip(metrics.STAT_NAMES, (float(v) for v in fast.stats))),
             "seconds": {k: {"cpu": round(c, 4), "wall": round(w, 4)} for k, (c, w) in t.items()},
             "speedup": {"cpu": round(speedup[0], 2), "wall": round(speedup[1], 2)},
-            "own_work_percent": {"cpu": round(share[0], 1), "wall": round(share[1], 1)}})
+            "own_work_percent": {"cpu": round(share[0], 1), "wall": round(share[1], 1)},
+            "own_work_with_results_percent": {"cpu": round(share_with_results[0], 1),
+                                              "wall": round(share_with_results[1], 1)}})
     return 0 if identical else 1
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from detpipe import distributed
 from detpipe.datasets import CocoDetection, collate, decode_on_device
 from detpipe.errors import DetpipeError, check_terminated
-from detpipe.metrics import coco_evaluate, write_json_bytes
+from detpipe.metrics import coco_evaluate, coco_results, write_json_bytes
 from detpipe.transforms import seed_worker
 
 
@@ -325,27 +325,22 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
     from pycocotools import mask as mask_utils  # heavy: imported when predicting, not when the module loads
 
     model.eval().to(device)
-    results = []
+    outputs, segmentations = [], []  # per image: (id, boxes, scores, labels); per detection: its RLE
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     for images, targets in loader:
         check_terminated()
         images, _ = to_device(list(images), [], device)
-        outputs = model(images)
-        for out, target in zip(outputs, targets):
+        for out, target in zip(model(images), targets):
             keep = out["scores"] >= score_thr
-            boxes = out["boxes"][keep].float().cpu().numpy()
-            scores = out["scores"][keep].float().cpu().numpy()
-            labels = out["labels"][keep].cpu().numpy()
-            masks = (out["masks"][keep, 0] > 0.5).cpu().numpy() if "masks" in out else None
-            for j in range(len(scores)):
-                x1, y1, x2, y2 = (float(v) for v in boxes[j])
-                det = {"image_id": int(target["image_id"]), "category_id": dataset.cat_ids[int(labels[j]) - 1],
-                       "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                       "score": round(float(scores[j]), 4)}
-                if masks is not None:
-                    rle = mask_utils.encode(np.asfortranarray(masks[j].astype(np.uint8)))
-                    det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
-                results.append(det)
+            outputs.append((int(target["image_id"]), out["boxes"][keep].float().cpu().numpy(),
+                            out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()))
+            if "masks" in out and keep.any():
+                masks = (out["masks"][keep, 0] > 0.5).cpu().numpy().astype(np.uint8)  # N x H x W
+                segmentations += [{"size": rle["size"], "counts": rle["counts"].decode()}
+                                  for rle in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
+    results = coco_results(outputs, dataset.cat_ids)  # all images at once: far faster than one by one
+    for det, segmentation in zip(results, segmentations):  # mask models: one RLE per detection, in order
+        det["segmentation"] = segmentation
     return results
 
 

@@ -8,6 +8,7 @@ tests/test_metrics.py checks the equality), ``pycocotools`` the reference implem
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import tempfile
 from pathlib import Path
@@ -37,6 +38,56 @@ def library(backend: str) -> tuple[type, type]:
     else:
         raise ValueError(f"unknown COCO evaluation backend {backend!r}; choose one of {BACKENDS}")
     return COCO, COCOeval
+
+
+def coco_results(outputs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], cat_ids: list[int]) -> list[dict]:
+    """Detections as COCO result dicts. ``outputs``: per image (its id, boxes x1 y1 x2 y2, scores, labels with
+    1 = the first class); ``bbox`` becomes x, y, w, h rounded to 0.01 px, ``score`` is rounded to 1e-4, the label
+    becomes its id of ``cat_ids``.
+
+    The values are those of Python's ``round`` on each number as a Python float (:func:`round_as_python`),
+    computed for all images at once, with the garbage collector paused: 500k detections in ~0.35 s instead of
+    2.3 s one at a time (most of it is making the Python objects; docs/performance.md).
+    """
+    if not outputs:
+        return []
+    ids = np.concatenate([np.full(len(scores), image_id, dtype=np.int64) for image_id, _, scores, _ in outputs])
+    boxes = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1, 4) for _, b, _, _ in outputs])
+    scores = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for _, _, s, _ in outputs])
+    labels = np.concatenate([np.asarray(la, dtype=np.int64).reshape(-1) for *_, la in outputs])
+    xywh = round_as_python(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), 2)
+    scores, cats = round_as_python(scores, 4), np.asarray(cat_ids)[labels - 1]
+    with _collector_paused():  # millions of new objects, no cycle among them: the collector would rescan the heap
+        return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
+                for i, c, b, s in zip(ids.tolist(), cats.tolist(), xywh.tolist(), scores.tolist())]
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def round_as_python(values: np.ndarray, digits: int) -> np.ndarray:
+    """``round(float(v), digits)`` for every element, bit for bit, vectorised.
+
+    ``rint(v * 10**digits) / 10**digits`` is that wherever the product lies clearly off a half (its one rounding
+    error cannot move it across), and the division then gives the double nearest the decimal, as ``round`` does.
+    Elements near a half, huge or not finite are handed to ``round`` itself (tests/test_metrics.py)."""
+    scale = 10.0 ** digits
+    scaled = values * scale
+    out = np.rint(scaled) / scale
+    with np.errstate(invalid="ignore"):
+        near = ~(np.abs(scaled - np.floor(scaled) - 0.5) > 1e-6 * np.maximum(1.0, np.abs(scaled)))
+        near |= ~(np.abs(scaled) < 2.0 ** 52)
+    for i in np.flatnonzero(near):
+        out.flat[i] = round(float(values.flat[i]), digits)
+    return out
 
 
 def write_inputs(folder: Path, gt: dict, detections: list[dict]) -> tuple[Path, Path]:

@@ -414,6 +414,42 @@ def test_the_evaluation_benchmark_runs_at_a_toy_size(tmp_path):
     result = json.loads(out.read_text())
     assert result["identical"] is True and result["detections"] == 200
     steps = ("pycocotools", BACKENDS[0], "predictions", "predictions_format", "predictions_write", "per_class",
-             "stage_files", "own_work")
+             "stage_files", "own_work", "results", "results_one_by_one", "own_work_with_results")
     assert all(result["seconds"][k]["cpu"] >= 0 for k in steps) and result["seconds"]["pycocotools"]["cpu"] > 0
-    assert "own work / library time" in done.stdout and "identical: yes" in done.stdout
+    assert "own work / library time" in done.stdout and "both ways: yes" in done.stdout
+
+
+@pytest.mark.parametrize("digits", [2, 4])
+def test_round_as_python_is_pythons_round_bit_for_bit(digits):
+    """Halves exact and inexact (x.xx5 from float32, k/200), box widths of float32 corners, negatives, zeros,
+    huge values, infinities and NaN."""
+    from detpipe.metrics import round_as_python
+
+    rng = np.random.default_rng(digits)
+    corners = rng.uniform(0, 2000, (200_000, 2)).astype(np.float32).astype(np.float64)
+    values = np.concatenate([
+        rng.uniform(0, 2000, 200_000).astype(np.float32).astype(np.float64),
+        (rng.integers(0, 200_000, 200_000) / 10**digits + 0.5 / 10**digits).astype(np.float32).astype(np.float64),
+        rng.integers(0, 400_000, 200_000) / (2 * 10**digits),  # halves, exact or nearly
+        corners[:, 1] - corners[:, 0], rng.uniform(-5, 5, 10_000), rng.uniform(0, 1, 10_000),
+        [0.0, -0.0, 0.125, 0.375, 2.675, 1e300, -1e300, 2.0**53 + 2, 1e-320, np.inf, -np.inf, np.nan]])
+    got = round_as_python(values, digits)
+    want = np.array([round(v, digits) for v in values.tolist()])
+    assert got.tobytes() == want.tobytes()  # bits: -0.0 and NaN included
+
+
+def test_coco_results_leaves_the_garbage_collector_as_it_found_it():
+    import gc
+
+    from detpipe.metrics import coco_results
+
+    outputs = [(7, np.array([[1.0, 2.0, 11.5, 22.25]], dtype=np.float32), np.array([0.91234], dtype=np.float32),
+                np.array([2]))]
+    want = [{"image_id": 7, "category_id": 20, "bbox": [1.0, 2.0, 10.5, 20.25], "score": 0.9123}]
+    assert gc.isenabled() and coco_results(outputs, [10, 20]) == want and gc.isenabled()
+    gc.disable()
+    try:
+        assert coco_results(outputs, [10, 20]) == want and not gc.isenabled()
+    finally:
+        gc.enable()
+    assert coco_results([], [10, 20]) == []
