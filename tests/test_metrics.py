@@ -414,7 +414,8 @@ def test_the_evaluation_benchmark_runs_at_a_toy_size(tmp_path):
     result = json.loads(out.read_text())
     assert result["identical"] is True and result["detections"] == 200
     steps = ("pycocotools", BACKENDS[0], "predictions", "predictions_format", "predictions_write", "per_class",
-             "stage_files", "own_work", "results", "results_one_by_one", "own_work_with_results")
+             "stage_files", "own_work", "results", "results_one_by_one", "own_work_with_results", "end_to_end",
+             "end_to_end_one_by_one")
     assert all(result["seconds"][k]["cpu"] >= 0 for k in steps) and result["seconds"]["pycocotools"]["cpu"] > 0
     assert "own work / library time" in done.stdout and "both ways: yes" in done.stdout
 
