@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from detpipe.errors import DetpipeError, terminate
+from detpipe.errors import DetpipeError, reset_terminated, terminate
 
 # Input folders the later stages read, by flag: default (the pipeline's layout) and meaning.
 INPUTS = {
@@ -36,7 +36,7 @@ def main(fn: Callable[[], None]) -> None:
 
     SIGTERM (what Snakemake and DVC send to a cancelled job) unwinds like Ctrl-C: no temporary output stays.
     """
-    signal.signal(signal.SIGTERM, terminate)  # temporary outputs removed, as for Ctrl-C
+    previous = signal.signal(signal.SIGTERM, terminate)  # temporary outputs removed, as for Ctrl-C
     try:
         fn()
     except DetpipeError as exc:
@@ -46,3 +46,6 @@ def main(fn: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         sys.exit(130)
+    finally:  # a stage run in-process (tests, notebooks) leaves SIGTERM as it found it
+        signal.signal(signal.SIGTERM, previous)
+        reset_terminated()

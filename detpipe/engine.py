@@ -335,10 +335,12 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
             outputs.append((int(target["image_id"]), out["boxes"][keep].float().cpu().numpy(),
                             out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()))
             if "masks" in out and keep.any():
-                masks = (out["masks"][keep, 0] > 0.5).cpu().numpy().astype(np.uint8)  # N x H x W
+                masks = (out["masks"][keep, 0] > 0.5).cpu().numpy().view(np.uint8)  # N x H x W
                 segmentations += [{"size": rle["size"], "counts": rle["counts"].decode()}
                                   for rle in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
     results = coco_results(outputs, dataset.cat_ids)  # all images at once: far faster than one by one
+    if segmentations and len(segmentations) != len(results):
+        raise RuntimeError(f"{len(segmentations)} masks for {len(results)} detections")
     for det, segmentation in zip(results, segmentations):  # mask models: one RLE per detection, in order
         det["segmentation"] = segmentation
     return results

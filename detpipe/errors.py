@@ -15,16 +15,22 @@ def listing(items: list[str], n: int = 5) -> str:
 
 
 def terminate(signum=None, frame=None) -> None:
-    """SIGTERM's handler (detpipe.cli): unwind like Ctrl-C, once. A later SIGTERM does not interrupt that unwinding
-    (the removal of temporary output). Where the first one's KeyboardInterrupt is lost, raised inside a finaliser,
-    which Python reports and ignores, :func:`check_terminated` raises it again at the loops' next step."""
+    """SIGTERM's handler (detpipe.cli): unwind like Ctrl-C. It also leaves a mark: where the KeyboardInterrupt is
+    lost, raised inside a finaliser (Python reports and ignores those), :func:`check_terminated` raises it again
+    at the loops' next step and before any output is put in place (detpipe.files)."""
     global _terminated
-    if not _terminated:
-        _terminated = True
-        raise KeyboardInterrupt
+    _terminated = True
+    raise KeyboardInterrupt
 
 
 def check_terminated() -> None:
-    """Raise KeyboardInterrupt if SIGTERM arrived: called once per step by the training and prediction loops."""
+    """Raise KeyboardInterrupt if SIGTERM arrived: called by the training, prediction and inference loops at each
+    step, and before an output replaces its destination."""
     if _terminated:
         raise KeyboardInterrupt
+
+
+def reset_terminated() -> None:
+    """Forget a SIGTERM (detpipe.cli, when a stage run called in-process has ended)."""
+    global _terminated
+    _terminated = False

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from detpipe.errors import DetpipeError
+from detpipe.errors import DetpipeError, check_terminated
 
 
 def _alive(pid: int) -> bool:
@@ -59,6 +59,7 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        check_terminated()  # a SIGTERM whose KeyboardInterrupt was lost: no output is put in place
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs should read like any other file
         os.replace(tmp, path)
     finally:
@@ -76,6 +77,7 @@ def atomic_dir(path: Path):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp"))
     try:
         yield tmp
+        check_terminated()
         os.chmod(tmp, 0o755)
         if path.exists():
             shutil.rmtree(path)

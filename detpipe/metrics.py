@@ -57,7 +57,7 @@ def coco_results(outputs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], 
     scores = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for _, _, s, _ in outputs])
     labels = np.concatenate([np.asarray(la, dtype=np.int64).reshape(-1) for *_, la in outputs])
     xywh = round_as_python(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), 2)
-    scores, cats = round_as_python(scores, 4), np.asarray(cat_ids)[labels - 1]
+    scores, cats = round_as_python(scores, 4), np.asarray(cat_ids, dtype=object)[labels - 1]  # ids as given
     with _collector_paused():  # millions of new objects, no cycle among them: the collector would rescan the heap
         return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
                 for i, c, b, s in zip(ids.tolist(), cats.tolist(), xywh.tolist(), scores.tolist())]
@@ -66,8 +66,8 @@ def coco_results(outputs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], 
 @contextlib.contextmanager
 def _collector_paused():
     enabled = gc.isenabled()
-    gc.disable()
     try:
+        gc.disable()
         yield
     finally:
         if enabled:
@@ -75,19 +75,24 @@ def _collector_paused():
 
 
 def round_as_python(values: np.ndarray, digits: int) -> np.ndarray:
-    """``round(float(v), digits)`` for every element, bit for bit, vectorised.
+    """``round(float(v), digits)`` for every element, bit for bit, vectorised (float64; ``digits`` 0 to 15).
 
-    ``rint(v * 10**digits) / 10**digits`` is that wherever the product lies clearly off a half (its one rounding
-    error cannot move it across), and the division then gives the double nearest the decimal, as ``round`` does.
-    Elements near a half, huge or not finite are handed to ``round`` itself (tests/test_metrics.py)."""
+    ``rint(v * 10**digits) / 10**digits`` is that wherever the product lies off a half by more than 8 times its
+    one rounding error (which then cannot move it across), and the exact division gives the double nearest the
+    decimal, as ``round`` does. Elements nearer a half, huge or not finite are handed to ``round`` itself
+    (tests/test_metrics.py)."""
+    if not 0 <= digits <= 15:
+        raise ValueError(f"digits must be 0 to 15, got {digits}")
+    values = np.asarray(values, dtype=np.float64)
     scale = 10.0 ** digits
-    scaled = values * scale
-    out = np.rint(scaled) / scale
-    with np.errstate(invalid="ignore"):
-        near = ~(np.abs(scaled - np.floor(scaled) - 0.5) > 1e-6 * np.maximum(1.0, np.abs(scaled)))
+    with np.errstate(all="ignore"):
+        scaled = values * scale
+        out = np.rint(scaled) / scale
+        near = ~(np.abs(scaled - np.floor(scaled) - 0.5) > 2.0 ** -50 * np.maximum(1.0, np.abs(scaled)))
         near |= ~(np.abs(scaled) < 2.0 ** 52)
-    for i in np.flatnonzero(near):
-        out.flat[i] = round(float(values.flat[i]), digits)
+    slow = np.flatnonzero(near)
+    if slow.size:
+        out.flat[slow] = [round(v, digits) for v in values.flat[slow].tolist()]
     return out
 
 

@@ -162,25 +162,36 @@ def test_a_terminated_train_removes_its_temporary_output_and_marks_the_run_kille
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost KeyboardInterrupt
-def test_a_sigterm_lost_in_a_finaliser_stops_the_next_step_and_a_second_one_lets_the_unwinding_finish(monkeypatch):
+@pytest.mark.parametrize("output", ["file", "folder"])
+def test_a_sigterm_lost_in_a_finaliser_puts_no_output_in_place(tmp_path, capsys, output):
     """Python reports and ignores an exception raised inside a finaliser (``__del__``, a weakref callback): a
-    SIGTERM handled there would be lost, and the stage would run to its end with exit 0. The loops' next step
-    raises it again; a second SIGTERM does not interrupt the unwinding that the first began."""
-    from detpipe import errors
+    SIGTERM handled there would be lost, and the stage would run to its end with exit 0. Its mark stops the
+    stage before the output replaces its destination; afterwards SIGTERM and the mark are as they were."""
+    from detpipe import cli, errors, files
 
-    monkeypatch.setattr(errors, "_terminated", False)
+    before = signal.getsignal(signal.SIGTERM)
 
     class Finalised:
         def __del__(self):
             errors.terminate()  # as if the signal arrived while this ran
 
-    Finalised()  # "Exception ignored in ...": the KeyboardInterrupt is lost here
-    with pytest.raises(KeyboardInterrupt):
-        errors.check_terminated()
-    errors.terminate()  # a second SIGTERM during the unwinding: no new KeyboardInterrupt
+    def stage():
+        Finalised()  # "Exception ignored in ...": the KeyboardInterrupt is lost here
+        if output == "file":
+            files.write_text(tmp_path / "out" / "result.txt", "done")
+        else:
+            with files.atomic_dir(tmp_path / "out") as tmp:
+                (tmp / "result.txt").write_text("done")
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(stage)
+    assert exited.value.code == 130 and "error: interrupted; no output was written" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert signal.getsignal(signal.SIGTERM) is before and not errors._terminated
 
 
-def test_the_training_and_prediction_loops_stop_at_their_next_step_after_a_lost_sigterm(monkeypatch):
+def test_the_training_prediction_and_inference_loops_stop_at_their_next_step_after_a_lost_sigterm(monkeypatch):
     import torch
 
     from detpipe import engine, errors
@@ -205,6 +216,10 @@ def test_the_training_and_prediction_loops_stop_at_their_next_step_after_a_lost_
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # stopped before its first step
     with pytest.raises(KeyboardInterrupt):
         engine.predict(model, Images(), torch.device("cpu"), batch_size=1)
+    from detpipe import infer
+
+    with pytest.raises(KeyboardInterrupt):  # the inference stage's images and video frames
+        next(infer._batches(range(5), 2))
 
 
 @pytest.mark.slow

@@ -433,10 +433,21 @@ def test_round_as_python_is_pythons_round_bit_for_bit(digits):
         (rng.integers(0, 200_000, 200_000) / 10**digits + 0.5 / 10**digits).astype(np.float32).astype(np.float64),
         rng.integers(0, 400_000, 200_000) / (2 * 10**digits),  # halves, exact or nearly
         corners[:, 1] - corners[:, 0], rng.uniform(-5, 5, 10_000), rng.uniform(0, 1, 10_000),
-        [0.0, -0.0, 0.125, 0.375, 2.675, 1e300, -1e300, 2.0**53 + 2, 1e-320, np.inf, -np.inf, np.nan]])
-    got = round_as_python(values, digits)
+        [0.0, -0.0, 0.125, 0.375, 2.675, 1e300, -1e300, 1.8e307, 2.0**53 + 2, 2.0**52 / 10**digits + 0.5,
+         1e-320, -1e-320, np.inf, -np.inf, np.nan], rng.uniform(0, 9000, 200_000)])
+    with np.errstate(all="raise"):  # no floating-point warning escapes
+        got = round_as_python(values, digits)
     want = np.array([round(v, digits) for v in values.tolist()])
     assert got.tobytes() == want.tobytes()  # bits: -0.0 and NaN included
+    float32 = rng.uniform(0, 1, 1000).astype(np.float32)  # computed as the Python floats they equal
+    assert round_as_python(float32, digits).tolist() == [round(v, digits) for v in float32.tolist()]
+
+
+def test_round_as_python_refuses_digits_it_cannot_scale_exactly():
+    from detpipe.metrics import round_as_python
+
+    with pytest.raises(ValueError, match="digits must be 0 to 15"):
+        round_as_python(np.zeros(3), 16)
 
 
 def test_coco_results_leaves_the_garbage_collector_as_it_found_it():
