@@ -70,11 +70,6 @@ def make_set(num_images: int, dets_per_image: int, num_classes: int, seed: int) 
     return {"images": images, "annotations": annotations, "categories": categories}, outputs
 
 
-def results_of(outputs: list[tuple], cat_ids: list[int]) -> list[dict]:
-    """What ``engine.predict`` makes of the model's outputs: COCO result dicts, image by image."""
-    return metrics.coco_results(outputs, cat_ids)
-
-
 def results_one_by_one(outputs: list[tuple], cat_ids: list[int]) -> list[dict]:
     """For comparison: the same, one detection at a time with Python's round (``engine.predict`` until 2026-11-27)."""
     dets = []
@@ -165,22 +160,22 @@ def main() -> int:
     _, gen_s, (gt, outputs) = timed(make_set, args.images, args.dets, args.classes, args.seed)
     cat_ids = [c["id"] for c in gt["categories"]]
     t = {}
-    with tempfile.TemporaryDirectory() as tmp:  # first, while the heap holds no more than the inputs
-        metrics.write_json_bytes(Path(tmp) / "val.json", gt)
-        for key, make in (("end_to_end", results_of), ("end_to_end_one_by_one", results_one_by_one)):
-            *t[key], _ = end_to_end(args.repeats, make, outputs, cat_ids, gt, Path(tmp) / "val.json", Path(tmp))
-    *t["results"], dets = best(args.repeats, results_of, outputs, cat_ids)
-    *t["results_one_by_one"], slow_dets = timed(results_one_by_one, outputs, cat_ids)
-    same_results = orjson.dumps(slow_dets) == orjson.dumps(dets)  # the predictions.json bytes
-    del slow_dets
-    print(f"{args.images} images, {len(gt['annotations'])} objects "
-          f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(dets)} detections "
-          f"(generated in {gen_s:.1f} s)")
     names = {c["id"]: c["name"] for c in gt["categories"]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = tmp / "val.json", tmp / "predictions.json"
         metrics.write_json_bytes(files[0], gt)  # the convert stage's file
+        (tmp / "e2e").mkdir()
+        for key, make in (("end_to_end", metrics.coco_results), ("end_to_end_one_by_one", results_one_by_one)):
+            # first, while the heap holds no more than the inputs
+            *t[key], _ = end_to_end(args.repeats, make, outputs, cat_ids, gt, files[0], tmp / "e2e")
+        *t["results"], dets = best(args.repeats, metrics.coco_results, outputs, cat_ids)
+        *t["results_one_by_one"], slow_dets = timed(results_one_by_one, outputs, cat_ids)
+        same_results = orjson.dumps(slow_dets) == orjson.dumps(dets)  # the predictions.json bytes
+        del slow_dets
+        print(f"{args.images} images, {len(gt['annotations'])} objects "
+              f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(dets)} detections "
+              f"(generated in {gen_s:.1f} s)")
         *t["predictions"], _ = best(args.repeats, metrics.write_json_bytes, files[1], dets)
         # the two halves of that step: orjson formatting the detections, and writing its bytes to the file
         *t["predictions_format"], text = best(args.repeats, orjson.dumps, dets, None, orjson.OPT_APPEND_NEWLINE)

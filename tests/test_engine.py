@@ -531,21 +531,16 @@ def reference_results(outputs, image_ids, cat_ids, score_thr) -> list[dict]:
     """engine.predict as it was written first: one detection at a time, Python's round, one RLE per mask."""
     from pycocotools import mask as mask_utils
 
-    results = []
-    for out, image_id in zip(outputs, image_ids):
-        keep = out["scores"] >= score_thr
-        boxes, scores = out["boxes"][keep].float().numpy(), out["scores"][keep].float().numpy()
-        labels = out["labels"][keep].numpy()
-        masks = (out["masks"][keep, 0] > 0.5).numpy() if "masks" in out else None
-        for j in range(len(scores)):
-            x1, y1, x2, y2 = (float(v) for v in boxes[j])
-            det = {"image_id": image_id, "category_id": cat_ids[int(labels[j]) - 1],
-                   "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                   "score": round(float(scores[j]), 4)}
-            if masks is not None:
-                rle = mask_utils.encode(np.asfortranarray(masks[j].astype(np.uint8)))
-                det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
-            results.append(det)
+    from benchmarks.bench_eval import results_one_by_one
+
+    kept = [(out, out["scores"] >= score_thr) for out in outputs]
+    results = results_one_by_one([(image_id, out["boxes"][keep].float().numpy(), out["scores"][keep].float().numpy(),
+                                   out["labels"][keep].numpy()) for image_id, (out, keep) in zip(image_ids, kept)],
+                                 cat_ids)
+    masks = [mask for out, keep in kept if "masks" in out for mask in (out["masks"][keep, 0] > 0.5).numpy()]
+    for det, mask in zip(results, masks):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
     return results
 
 
