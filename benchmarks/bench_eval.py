@@ -4,19 +4,22 @@
 
 A seeded COCO-style set (5,000 640x480 images, 80 classes, 2-12 objects per image of every area range,
 2 % crowd regions, 100 detections per image: jittered copies of 90 % of the objects and random false
-positives, made COCO result dicts by ``engine.predict``'s :func:`detpipe.metrics.coco_results`, timed, and
-for comparison one detection at a time, as before: both must agree) is scored by each backend as
+positives, as the model hands them to ``engine.predict``) is scored by each backend as
 :func:`detpipe.metrics.coco_evaluate` runs it. The library's time: load the ground truth and the results
 files, evaluate, accumulate, summarize. The stats, the precision/recall/scores arrays and the per-class
-APs of both backends must be identical (exit status 1 if not).
+APs of both backends must be identical, and ``predictions.json`` the same bytes however it is made (exit
+status 1 if not).
 
-detpipe's own work, as a share of the default backend's library time, as the evaluate stage does it: writing
-``predictions.json``, which the library then reads together with the split's COCO file as the convert stage
-wrote it (written here untimed), the per-class AP table, and the stage's other COCO files (``per_class.csv``,
-``metrics.json``); and that share again with the result dicts made from the model's outputs. The fast steps
-are the best of ``--repeats`` runs; pycocotools runs once. The whole ``coco_evaluate`` call given the two files
-is timed too, as a check, and for comparison the call without them (it writes both inputs to a temporary
-folder first, as the train stage's per-epoch validation does).
+As the evaluate stage works: while the model predicts, each batch of ``--batch`` images becomes columns
+(:class:`detpipe.metrics.Detections`), COCO result dicts and the next part of ``predictions.json``
+(:class:`detpipe.metrics.ResultsFile`), timed over all batches; once the model is done, the library reads that
+file and the split's COCO file as the convert stage wrote it (written here untimed), and detpipe's own work
+around it is the per-class AP table and the stage's other COCO files (``per_class.csv``, ``metrics.json``), as
+a share of the library's time. For comparison, the same work done once the model is done, as before
+2026-11-27: all detections made result dicts at once (or one detection at a time, before that) and written.
+End to end from the model's outputs (each way from a clean heap, the collector's deferred work included), with
+the stage's VOC analysis, and the memory each way holds (tracemalloc, in untimed runs). The fast steps are the
+best of ``--repeats`` runs; pycocotools runs once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import io
 import platform
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -116,17 +120,41 @@ def from_dicts(gt: dict, dets: list[dict]) -> tuple[float, float, None]:
         return timed(score)
 
 
-def stage_files(out: Path, results: dict, dets: list[dict]) -> None:
+def stage_files(out: Path, results: dict, dets) -> None:
     """The evaluate stage's COCO outputs besides predictions.json, written as detpipe/evaluate.py writes them."""
     evaluate_stage._per_class_csv(out / "per_class.csv", results)
     write_json(out / "metrics.json", {**metrics.named_stats(results), "num_detections": len(dets)})
 
 
-def from_outputs(make, outputs: list[tuple], cat_ids: list[int], gt: dict, gt_file: Path, folder: Path) -> None:
-    """The evaluate stage's work after the model, end to end, the collector's deferred work included: the result
-    dicts (``make``), predictions.json, the library with the per-class table, the other files, the VOC analysis."""
-    dets = make(outputs, cat_ids)
-    metrics.write_json_bytes(folder / "predictions.json", dets)
+def while_predicting(outputs: list[tuple], cat_ids: list[int], path: Path, batch: int) -> metrics.Detections:
+    """What ``engine.predict`` does with each batch of the model's outputs: columns, result dicts, the file."""
+    parts = []
+    with metrics.ResultsFile(path) as f:
+        for start in range(0, len(outputs), batch):
+            parts.append(metrics.Detections.from_outputs(outputs[start:start + batch], cat_ids))
+            f.add(parts[-1].results())
+    return metrics.Detections.concat(parts)
+
+
+def at_once(outputs: list[tuple], cat_ids: list[int], path: Path, batch: int) -> list[dict]:
+    """As before 2026-11-27 (this session): every image's result dicts made once the model is done, then written."""
+    dets = metrics.Detections.from_outputs(outputs, cat_ids).results()
+    metrics.write_json_bytes(path, dets)
+    return dets
+
+
+def one_by_one(outputs: list[tuple], cat_ids: list[int], path: Path, batch: int) -> list[dict]:
+    """As before that: one detection at a time, then written."""
+    dets = results_one_by_one(outputs, cat_ids)
+    metrics.write_json_bytes(path, dets)
+    return dets
+
+
+def from_outputs(make, outputs: list[tuple], cat_ids: list[int], gt: dict, gt_file: Path, folder: Path,
+                 batch: int) -> None:
+    """The evaluate stage's work from the model's outputs, end to end: ``predictions.json`` as ``make`` writes it,
+    the library with the per-class table, the other files, the VOC analysis."""
+    dets = make(outputs, cat_ids, folder / "predictions.json", batch)
     results = metrics.coco_evaluate(gt, dets, "bbox", FAST, files=(gt_file, folder / "predictions.json"))
     stage_files(folder, {"bbox": results}, dets)
     analyse(gt, dets)
@@ -137,6 +165,17 @@ def end_to_end(repeats: int, make, *args) -> tuple[float, float, None]:
         gc.collect()  # each run from a clean heap
         return timed(from_outputs, make, *args)
     return min((run() for _ in range(repeats)), key=lambda r: r[0])
+
+
+def peak_mib(fn, *args) -> float:
+    """The most memory Python allocations held during ``fn`` beyond what they held before (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
 
 
 def machine() -> str:
@@ -153,76 +192,92 @@ def main() -> int:
     p.add_argument("--dets", type=int, default=100, help="detections per image")
     p.add_argument("--classes", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="images per prediction batch (evaluate.batch_size)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each fast step (the fastest counts)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
     _, gen_s, (gt, outputs) = timed(make_set, args.images, args.dets, args.classes, args.seed)
     cat_ids = [c["id"] for c in gt["categories"]]
-    t = {}
+    t, mib = {}, {}
     names = {c["id"]: c["name"] for c in gt["categories"]}
+    ways = {"end_to_end": while_predicting, "end_to_end_at_once": at_once, "end_to_end_one_by_one": one_by_one}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = tmp / "val.json", tmp / "predictions.json"
         metrics.write_json_bytes(files[0], gt)  # the convert stage's file
         (tmp / "e2e").mkdir()
-        for key, make in (("end_to_end", metrics.coco_results), ("end_to_end_one_by_one", results_one_by_one)):
-            # first, while the heap holds no more than the inputs
-            *t[key], _ = end_to_end(args.repeats, make, outputs, cat_ids, gt, files[0], tmp / "e2e")
-        *t["results"], dets = best(args.repeats, metrics.coco_results, outputs, cat_ids)
-        *t["results_one_by_one"], slow_dets = timed(results_one_by_one, outputs, cat_ids)
-        same_results = orjson.dumps(slow_dets) == orjson.dumps(dets)  # the predictions.json bytes
-        del slow_dets
+        for key, make in ways.items():  # first, while the heap holds no more than the inputs
+            *t[key], _ = end_to_end(args.repeats, make, outputs, cat_ids, gt, files[0], tmp / "e2e", args.batch)
+            mib[key] = peak_mib(from_outputs, make, outputs, cat_ids, gt, files[0], tmp / "e2e", args.batch)
+        *t["while_predicting"], dets = best(args.repeats, while_predicting, outputs, cat_ids, files[1], args.batch)
+        written = files[1].read_bytes()
+        same_file = True
+        for make in (at_once, one_by_one):
+            make(outputs, cat_ids, tmp / "other.json", args.batch)
+            same_file &= (tmp / "other.json").read_bytes() == written
+        # the parts of that step, for all images at once
+        *t["columns"], _ = best(args.repeats, metrics.Detections.from_outputs, outputs, cat_ids)
+        *t["results"], result_dicts = best(args.repeats, dets.results)
+        *t["predictions_format"], text = best(args.repeats, orjson.dumps, result_dicts, None,
+                                              orjson.OPT_APPEND_NEWLINE)
+        *t["predictions_write"], _ = best(args.repeats, (tmp / "bytes.json").write_bytes, text)
+        mib["result_dicts"] = peak_mib(dets.results)
+        mib["columns"] = sum(getattr(dets, k).nbytes for k in ("image_id", "category_id", "bbox", "score")) / 2**20
         print(f"{args.images} images, {len(gt['annotations'])} objects "
               f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(dets)} detections "
               f"(generated in {gen_s:.1f} s)")
-        *t["predictions"], _ = best(args.repeats, metrics.write_json_bytes, files[1], dets)
-        # the two halves of that step: orjson formatting the detections, and writing its bytes to the file
-        *t["predictions_format"], text = best(args.repeats, orjson.dumps, dets, None, orjson.OPT_APPEND_NEWLINE)
-        *t["predictions_write"], _ = best(args.repeats, (tmp / "bytes.json").write_bytes, text)
         *t["pycocotools"], slow = timed(metrics.score_files, *files, "bbox", "pycocotools")
         *t[FAST], fast = best(args.repeats, metrics.score_files, *files, "bbox", FAST)
         *t["per_class"], per_class = best(args.repeats, metrics.per_class_ap, fast, names)
         *t["coco_evaluate"], results = best(args.repeats, lambda: metrics.coco_evaluate(gt, dets, "bbox", FAST,
                                                                                         files=files))
-        *t["coco_evaluate_temp_files"], _ = best(args.repeats, metrics.coco_evaluate, gt, dets, "bbox", FAST)
+        *t["coco_evaluate_temp_files"], _ = best(args.repeats, metrics.coco_evaluate, gt, result_dicts, "bbox", FAST)
         (tmp / "out").mkdir()
         *t["stage_files"], _ = best(args.repeats, stage_files, tmp / "out", {"bbox": results}, dets)
-        *t["voc_analysis"], _ = timed(analyse, gt, dets)
-    *t["from_dicts"], _ = min((from_dicts(gt, dets) for _ in range(args.repeats)), key=lambda r: r[0])
+        *t["voc_analysis"], _ = best(args.repeats, analyse, gt, dets)
+        *t["voc_analysis_from_dicts"], _ = best(args.repeats, analyse, gt, result_dicts)
+    *t["from_dicts"], _ = min((from_dicts(gt, result_dicts) for _ in range(args.repeats)), key=lambda r: r[0])
     identical = ([float(v) for v in slow.stats] == [float(v) for v in fast.stats]
                  and all(np.array_equal(slow.eval[k], fast.eval[k]) for k in ("precision", "recall", "scores"))
-                 and per_class == metrics.per_class_ap(slow, names) and same_results)
-    t["own_work"] = [sum(t[k][i] for k in ("predictions", "per_class", "stage_files")) for i in (0, 1)]
-    t["own_work_with_results"] = [t["own_work"][i] + t["results"][i] for i in (0, 1)]
+                 and per_class == metrics.per_class_ap(slow, names) and same_file)
+    t["own_work"] = [sum(t[k][i] for k in ("per_class", "stage_files")) for i in (0, 1)]
     speedup = [t["pycocotools"][i] / t[FAST][i] for i in (0, 1)]
     share = [100 * t["own_work"][i] / t[FAST][i] for i in (0, 1)]
-    share_with_results = [100 * t["own_work_with_results"][i] / t[FAST][i] for i in (0, 1)]
+    share_at_once = [100 * (t["own_work"][i] + t["while_predicting"][i]) / t[FAST][i] for i in (0, 1)]
+    per_image_us = [1e6 * t["while_predicting"][i] / args.images for i in (0, 1)]
 
     rows = [("pycocotools: library s", *t["pycocotools"]),
             (f"{FAST}: library s", *t[FAST]),
             ("**speed-up** (goal >= 15x)", *speedup),
-            ("detpipe: writing predictions.json (the library reads it) s", *t["predictions"]),
-            ("  of it: orjson formatting the detections s", *t["predictions_format"]),
-            ("  of it: writing those bytes to a file s", *t["predictions_write"]),
             ("detpipe: per-class AP table s", *t["per_class"]),
             ("detpipe: evaluate stage's other files s (per_class.csv, metrics.json)", *t["stage_files"]),
-            ("detpipe's own work s", *t["own_work"]),
+            ("detpipe's own work around the library s", *t["own_work"]),
             ("**own work / library time** % (goal <= 10 %)", *share),
-            ("detpipe: the model's outputs made COCO result dicts (engine.predict) s", *t["results"]),
-            ("  before: one detection at a time (one run) s", *t["results_one_by_one"]),
-            ("own work with the result dicts / library time %", *share_with_results),
+            (f"while the model predicts: columns, result dicts, predictions.json, batches of {args.batch} s",
+             *t["while_predicting"]),
+            ("  the same per image, microseconds", *per_image_us),
+            ("  of it, for all images at once: columns (rounded) s", *t["columns"]),
+            ("  of it: result dicts s", *t["results"]),
+            ("  of it: orjson formatting them s", *t["predictions_format"]),
+            ("  of it: writing those bytes to a file s", *t["predictions_write"]),
+            ("that step and own work / library time, were it done after the model %", *share_at_once),
             (f"check: the whole coco_evaluate call with {FAST}, given the two files s", *t["coco_evaluate"]),
             ("for comparison: coco_evaluate writing both inputs to temporary files s", *t["coco_evaluate_temp_files"]),
             (f"for comparison: {FAST} given the dicts instead of files s", *t["from_dicts"]),
-            ("not COCO: the stage's VOC AP and confusion analysis (detpipe.analysis) s", *t["voc_analysis"]),
-            ("end to end from the model's outputs: dicts, files, library, VOC analysis s", *t["end_to_end"]),
-            ("  the same with the dicts made one detection at a time (before) s", *t["end_to_end_one_by_one"])]
+            ("not COCO: the stage's VOC AP and confusion analysis (detpipe.analysis), from the columns s",
+             *t["voc_analysis"]),
+            ("  the same from the result dicts s", *t["voc_analysis_from_dicts"]),
+            ("end to end from the model's outputs: predictions.json batch by batch, library, files, VOC analysis s",
+             *t["end_to_end"]),
+            ("  the same with every result dict made once the model is done (before) s", *t["end_to_end_at_once"]),
+            ("  the same with the dicts made one detection at a time (before that) s", *t["end_to_end_one_by_one"])]
     print("\n| measure | CPU | wall |\n| --- | --- | --- |")
     for name, cpu, wall in rows:
         print(f"| {name} | {cpu:.3g} | {wall:.3g} |")
-    print(f"\n12 stats, precision/recall/scores arrays and per-class AP identical, and the result dicts made both "
-          f"ways: {'yes' if identical else 'NO'}; "
+    print("\nmemory, MiB: " + ", ".join(f"{k} {v:.1f}" for k, v in mib.items()))
+    print(f"\n12 stats, precision/recall/scores arrays and per-class AP identical, and predictions.json the same "
+          f"bytes made all three ways: {'yes' if identical else 'NO'}; "
           f"mAP {fast.stats[0]:.4f}\nmachine: {machine()}, Python {platform.python_version()}")
     if args.json:
         write_json(args.json, {
@@ -233,8 +288,9 @@ def main() -> int:
             "seconds": {k: {"cpu": round(c, 4), "wall": round(w, 4)} for k, (c, w) in t.items()},
             "speedup": {"cpu": round(speedup[0], 2), "wall": round(speedup[1], 2)},
             "own_work_percent": {"cpu": round(share[0], 1), "wall": round(share[1], 1)},
-            "own_work_with_results_percent": {"cpu": round(share_with_results[0], 1),
-                                              "wall": round(share_with_results[1], 1)}})
+            "own_work_with_predictions_file_percent": {"cpu": round(share_at_once[0], 1),
+                                                       "wall": round(share_at_once[1], 1)},
+            "peak_mib": {k: round(v, 3) for k, v in mib.items()}})
     return 0 if identical else 1
 
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from itertools import chain
-from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 
 from detpipe.errors import DetpipeError
 from detpipe.files import atomic_dir
+from detpipe.metrics import Detections, boxes_xywh, column
 
 IOU_THR = 0.5
 SCORE_THR = 0.3  # mmdetection's tools/analysis_tools/confusion_matrix.py default
@@ -40,15 +39,9 @@ EPS = np.finfo(np.float32).eps  # eval_map's guard against 0 / 0
 PR_CURVES, CONFUSION = "pr_curves.csv", "confusion.csv"  # the files write_plots makes (dvc.yaml's plots name them)
 
 
-def _column(items: list[dict], key: str, dtype=np.float64) -> np.ndarray:
-    return np.fromiter(map(itemgetter(key), items), dtype=dtype, count=len(items))
-
-
-def _boxes(items: list[dict]) -> np.ndarray:
-    """COCO ``[x, y, w, h]`` of each item -> a ``(4, n)`` array: rows ``x1, y1, x2, y2``."""
-    xywh = np.fromiter(chain.from_iterable(map(itemgetter("bbox"), items)), dtype=np.float64,
-                       count=4 * len(items)).reshape(-1, 4).T
-    return np.concatenate([xywh[:2], xywh[:2] + xywh[2:]])
+def _xyxy(xywh: np.ndarray) -> np.ndarray:
+    """``(n, 4)`` COCO ``[x, y, w, h]`` -> a ``(4, n)`` array: rows ``x1, y1, x2, y2``."""
+    return np.concatenate([xywh[:, :2].T, (xywh[:, :2] + xywh[:, 2:]).T])
 
 
 def _positions(ids: np.ndarray, known: list, what: str) -> np.ndarray:
@@ -97,7 +90,7 @@ class Matching:
     ties in list order, so an index is a rank), their same-image pairs (``pair_*``: of the same class, or of a
     detection scoring at least ``score_thr``, as the analyses need) and the VOC flags."""
     gt: dict
-    detections: list[dict]
+    detections: Detections
     g_order: np.ndarray   # position in gt["annotations"]
     g_img: np.ndarray     # position in gt["images"]
     g_cls: np.ndarray     # position in gt["categories"]
@@ -118,25 +111,28 @@ class Matching:
         return ~self.tp & ~self.ignored
 
 
-def match(gt: dict, detections: list[dict], iou_thr: float = IOU_THR, score_thr: float = SCORE_THR) -> Matching:
-    """VOC matching (the module's docstring) of COCO result dicts to a COCO dict, every image at once."""
+def match(gt: dict, detections: Detections | list[dict], iou_thr: float = IOU_THR,
+          score_thr: float = SCORE_THR) -> Matching:
+    """VOC matching (the module's docstring) of detections (their columns or COCO result dicts) to a COCO dict,
+    every image at once."""
+    if not isinstance(detections, Detections):
+        detections = Detections.from_results(detections)
     anns, n_img = gt["annotations"], len(gt["images"])
     image_ids, cat_ids = [im["id"] for im in gt["images"]], [c["id"] for c in gt["categories"]]
-    g_img = _positions(_column(anns, "image_id", np.int64), image_ids, "image_id")
+    g_img = _positions(column(anns, "image_id", np.int64), image_ids, "image_id")
     g_ign = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), dtype=bool, count=len(anns))
     g_order = np.lexsort((np.arange(len(anns)), g_ign, g_img))  # eval_map stacks ignore boxes after the objects
     g_img, g_ign = g_img[g_order], g_ign[g_order]
-    g_cls = _positions(_column(anns, "category_id", np.int64), cat_ids, "category_id")[g_order]
-    g_box = np.take(_boxes(anns), g_order, axis=1)
+    g_cls = _positions(column(anns, "category_id", np.int64), cat_ids, "category_id")[g_order]
+    g_box = np.take(_xyxy(boxes_xywh(anns)), g_order, axis=1)
     g_start, g_count = np.searchsorted(g_img, np.arange(n_img)), np.bincount(g_img, minlength=n_img)
 
     n = len(detections)
-    score = _column(detections, "score")
-    d_order = np.argsort(-score, kind="stable")
-    score = score[d_order]
-    d_img = _positions(_column(detections, "image_id", np.int64), image_ids, "image_id")[d_order]
-    d_cls = _positions(_column(detections, "category_id", np.int64), cat_ids, "category_id")[d_order]
-    d_box = np.take(_boxes(detections), d_order, axis=1)
+    d_order = np.argsort(-detections.score, kind="stable")
+    score = detections.score[d_order]
+    d_img = _positions(detections.image_id, image_ids, "image_id")[d_order]
+    d_cls = _positions(detections.category_id, cat_ids, "category_id")[d_order]
+    d_box = np.take(_xyxy(detections.bbox), d_order, axis=1)
 
     per_det = g_count[d_img]  # every (detection, GT of its image) pair, grouped by detection
     pair_d = np.repeat(np.arange(n), per_det)
@@ -185,9 +181,10 @@ def voc_ap(m: Matching) -> tuple[dict, list[dict]]:
     return per_class, curves
 
 
-def analyse(gt: dict, detections: list[dict], iou_thr: float = IOU_THR, score_thr: float = SCORE_THR,
+def analyse(gt: dict, detections: Detections | list[dict], iou_thr: float = IOU_THR, score_thr: float = SCORE_THR,
             num_worst: int = 10, num_best: int = 5) -> dict:
-    """Match ``detections`` (COCO results) to ``gt`` (a COCO dict) once and derive every analysis from it.
+    """Match ``detections`` (their columns or COCO result dicts) to ``gt`` (a COCO dict) once and derive every
+    analysis from it.
 
     Returns ``{"iou_thr", "score_thr", "mAP_50", "mAP_50_11pt", "per_class": {class: {"num_gts", "num_dets",
     "AP_50", "AP_50_11pt"}}, "pr_curves": [{"class", "recall", "precision"}], "confusion": {"labels", "matrix"},
@@ -254,7 +251,7 @@ def errors(m: Matching, iou_thr: float, score_thr: float, num_worst: int, num_be
     actual = dict(zip(pd[other].tolist(), m.g_cls[pg[other]].tolist()))
 
     def det(d: int) -> dict:
-        bbox = [round(float(v), 2) for v in m.detections[m.d_order[d]]["bbox"]]
+        bbox = [round(v, 2) for v in m.detections.bbox[m.d_order[d]].tolist()]
         return {"class": names[m.d_cls[d]], "bbox": bbox, "score": round(float(m.score[d]), 4)}
 
     def entry(i: int) -> dict:

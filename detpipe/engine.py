@@ -25,7 +25,7 @@ from tqdm import tqdm
 from detpipe import distributed
 from detpipe.datasets import CocoDetection, collate, decode_on_device
 from detpipe.errors import DetpipeError, check_terminated
-from detpipe.metrics import coco_evaluate, coco_results, write_json_bytes
+from detpipe.metrics import Detections, ResultsFile, coco_evaluate
 from detpipe.transforms import seed_worker
 
 
@@ -319,46 +319,55 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
 
 
 @torch.no_grad()
-def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
-            score_thr: float = 0.0) -> list[dict]:
-    """COCO result dicts (bbox in xywh, category ids of the dataset; RLE masks for mask models)."""
+def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int = 8, score_thr: float = 0.0,
+            predictions_file: Path | None = None) -> Detections:
+    """The detections scoring at least ``score_thr``, as columns (category ids of the dataset, bbox x, y, w, h).
+
+    With ``predictions_file`` they are also written there as COCO results JSON, RLE masks included for mask
+    models, batch by batch as the model produces them: no list of result dicts for the whole set is ever held.
+    """
     from pycocotools import mask as mask_utils  # heavy: imported when predicting, not when the module loads
 
     model.eval().to(device)
-    outputs, segmentations = [], []  # per image: (id, boxes, scores, labels); per detection: its RLE
+    parts = []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    for images, targets in loader:
-        check_terminated()
-        images, _ = to_device(list(images), [], device)
-        for out, target in zip(model(images), targets):
-            keep = out["scores"] >= score_thr
-            outputs.append((int(target["image_id"]), out["boxes"][keep].float().cpu().numpy(),
-                            out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()))
-            if "masks" in out and keep.any():
-                masks = (out["masks"][keep, 0] > 0.5).cpu().numpy().view(np.uint8)  # N x H x W
-                segmentations += [{"size": rle["size"], "counts": rle["counts"].decode()}
-                                  for rle in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
-    results = coco_results(outputs, dataset.cat_ids)  # all images at once: far faster than one by one
-    if segmentations and len(segmentations) != len(results):
-        raise RuntimeError(f"{len(segmentations)} masks for {len(results)} detections")
-    for det, segmentation in zip(results, segmentations):  # mask models: one RLE per detection, in order
-        det["segmentation"] = segmentation
-    return results
+    with contextlib.ExitStack() as stack:
+        results_file = stack.enter_context(ResultsFile(predictions_file)) if predictions_file else None
+        for images, targets in loader:
+            check_terminated()
+            images, _ = to_device(list(images), [], device)
+            outputs, segmentations = [], []  # per image: (id, boxes, scores, labels); per detection: its RLE
+            for out, target in zip(model(images), targets):
+                keep = out["scores"] >= score_thr
+                outputs.append((int(target["image_id"]), out["boxes"][keep].float().cpu().numpy(),
+                                out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()))
+                if results_file is not None and "masks" in out and keep.any():
+                    masks = (out["masks"][keep, 0] > 0.5).cpu().numpy().view(np.uint8)  # N x H x W
+                    segmentations += [{"size": rle["size"], "counts": rle["counts"].decode()}
+                                      for rle in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
+            parts.append(Detections.from_outputs(outputs, dataset.cat_ids))  # the batch at once: far faster
+            if results_file is not None:
+                results = parts[-1].results()
+                if segmentations and len(segmentations) != len(results):
+                    raise RuntimeError(f"{len(segmentations)} masks for {len(results)} detections")
+                for det, segmentation in zip(results, segmentations):  # mask models: one RLE per detection
+                    det["segmentation"] = segmentation
+                results_file.add(results)
+    return Detections.concat(parts)
 
 
 def evaluate(model, dataset: CocoDetection, device, batch_size: int = 8, score_thr: float = 0.0,
-             backend: str = "ultrafast", predictions_file: Path | None = None) -> tuple[list[dict], dict]:
-    """Predictions and ``{iou_type: coco_evaluate result}``; segm only for models that predict masks.
+             backend: str = "ultrafast", predictions_file: Path | None = None) -> tuple[Detections, dict]:
+    """Predictions (columns) and ``{iou_type: coco_evaluate result}``; segm only for models that predict masks.
 
     ``backend``: the COCO evaluation library (``evaluate.backend``, see :mod:`detpipe.metrics`).
-    The predictions are written as COCO results JSON to ``predictions_file`` (else to a temporary file), and the
-    library reads that file and the dataset's own COCO file: nothing is written for it alone.
+    The predictions are written as COCO results JSON to ``predictions_file`` (else to a temporary file) as they
+    are made, and the library reads that file and the dataset's own COCO file: nothing is written for it alone.
     """
-    dets = predict(model, dataset, device, batch_size, score_thr)
     types = ["bbox", "segm"] if dataset.with_masks else ["bbox"]
     with contextlib.ExitStack() as stack:
         if predictions_file is None:
             predictions_file = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="detpipe-val-"))) / "p.json"
-        write_json_bytes(predictions_file, dets)
+        dets = predict(model, dataset, device, batch_size, score_thr, predictions_file)
         files = dataset.coco_file, predictions_file
         return dets, {t: coco_evaluate(dataset.coco, dets, t, backend, files=files) for t in types}

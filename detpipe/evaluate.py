@@ -76,8 +76,8 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, train_dir: Path, o
     engine.set_threads(cfg.threads)
     # One folder, replaced whole at the end (atomic_dir): a failure anywhere, MLflow's logging included, leaves the
     # earlier outputs as they were, and no file of an earlier evaluation (its run.json) stays beside new ones.
-    # predictions.json (COCO results, one line) is written first and scored as it is: the library reads it and
-    # the split's file itself.
+    # predictions.json (COCO results, one line) is written batch by batch as the model predicts, and scored as it
+    # is: the library reads it and the split's file itself; the analyses use the detections' columns.
     with atomic_dir(out) as tmp:
         dets, results = engine.evaluate(model, dataset, device, cfg.evaluate.batch_size, cfg.evaluate.score_thr,
                                         cfg.evaluate.backend, predictions_file=tmp / "predictions.json")

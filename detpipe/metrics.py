@@ -11,6 +11,9 @@ import contextlib
 import gc
 import io
 import tempfile
+from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -40,27 +43,89 @@ def library(backend: str) -> tuple[type, type]:
     return COCO, COCOeval
 
 
-def coco_results(outputs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], cat_ids: list[int]) -> list[dict]:
-    """Detections as COCO result dicts. ``outputs``: per image (its id, boxes x1 y1 x2 y2, scores, labels with
-    1 = the first class); ``bbox`` becomes x, y, w, h rounded to 0.01 px, ``score`` is rounded to 1e-4, the label
-    becomes its id of ``cat_ids``.
+@dataclass(frozen=True)
+class Detections:
+    """Detections as columns, one row each: the values of their COCO result dicts (image id, category id, ``bbox``
+    x, y, w, h, ``score``). ~56 bytes a detection where a result dict takes ~500: 500k detections of a COCO-sized
+    val set are 28 MB instead of ~250 (docs/performance.md)."""
+    image_id: np.ndarray     # int64
+    category_id: np.ndarray  # int64
+    bbox: np.ndarray         # float64, (n, 4)
+    score: np.ndarray        # float64
 
-    The values are those of Python's ``round`` on each number as a Python float (:func:`round_as_python`),
-    computed for all images at once, with the garbage collector paused: 500k detections in ~0.35 s instead of
-    2.6 s one at a time; everything the evaluate stage does after the model, 1.6 s instead of 4.0
-    (docs/performance.md).
-    """
-    if not outputs:
-        return []
-    ids = np.concatenate([np.full(len(scores), image_id, dtype=np.int64) for image_id, _, scores, _ in outputs])
-    boxes = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1, 4) for _, b, _, _ in outputs])
-    scores = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for _, _, s, _ in outputs])
-    labels = np.concatenate([np.asarray(la, dtype=np.int64).reshape(-1) for *_, la in outputs])
-    xywh = round_as_python(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), 2)
-    scores, cats = round_as_python(scores, 4), np.asarray(cat_ids, dtype=object)[labels - 1]  # ids as given
-    with _collector_paused():  # millions of new objects, no cycle among them: the collector would rescan the heap
-        return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
-                for i, c, b, s in zip(ids.tolist(), cats.tolist(), xywh.tolist(), scores.tolist())]
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @classmethod
+    def from_outputs(cls, outputs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
+                     cat_ids: list[int]) -> Detections:
+        """A model's outputs, per image (its id, boxes x1 y1 x2 y2, scores, labels with 1 = the first class), as
+        ``engine.predict`` writes them: ``bbox`` rounded to 0.01 px and ``score`` to 1e-4 as Python's ``round``
+        rounds each number (:func:`round_as_python`), the label made its id of ``cat_ids``."""
+        if not outputs:
+            return cls.concat([])
+        ids = np.concatenate([np.full(len(scores), image_id, dtype=np.int64) for image_id, _, scores, _ in outputs])
+        boxes = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1, 4) for _, b, _, _ in outputs])
+        scores = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for _, _, s, _ in outputs])
+        labels = np.concatenate([np.asarray(la, dtype=np.int64).reshape(-1) for *_, la in outputs])
+        xywh = round_as_python(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), 2)
+        return cls(ids, np.asarray(cat_ids, dtype=np.int64)[labels - 1], xywh, round_as_python(scores, 4))
+
+    @classmethod
+    def from_results(cls, results: list[dict]) -> Detections:
+        """COCO result dicts as they are (no rounding)."""
+        return cls(column(results, "image_id", np.int64), column(results, "category_id", np.int64),
+                   boxes_xywh(results), column(results, "score"))
+
+    @classmethod
+    def concat(cls, parts: list[Detections]) -> Detections:
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0))
+        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("image_id", "category_id", "bbox",
+                                                                                  "score")))
+
+    def results(self) -> list[dict]:
+        """COCO result dicts, made with the garbage collector paused (they hold no cycle: the collector would
+        rescan them again and again as they grow)."""
+        with _collector_paused():
+            return [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in
+                    zip(self.image_id.tolist(), self.category_id.tolist(), self.bbox.tolist(), self.score.tolist())]
+
+
+def column(items: list[dict], key: str, dtype=np.float64) -> np.ndarray:
+    """``item[key]`` of each of ``items`` as an array."""
+    return np.fromiter(map(itemgetter(key), items), dtype=dtype, count=len(items))
+
+
+def boxes_xywh(items: list[dict]) -> np.ndarray:
+    """The COCO ``bbox`` of each of ``items`` as an ``(n, 4)`` array."""
+    return np.fromiter(chain.from_iterable(map(itemgetter("bbox"), items)), dtype=np.float64,
+                       count=4 * len(items)).reshape(-1, 4)
+
+
+class ResultsFile:
+    """A COCO results file written as detections arrive (``with ResultsFile(path) as f: f.add(dicts)``): one line,
+    the very bytes :func:`write_json_bytes` gives for the whole list, without ever holding it."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")  # the callers' outputs are temporary or inside an atomic folder
+        self._file.write(b"[")
+        self._empty = True
+
+    def add(self, results: list[dict]) -> None:
+        if results:
+            if not self._empty:
+                self._file.write(b",")
+            self._file.write(orjson.dumps(results, default=_plain)[1:-1])
+            self._empty = False
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._file:
+            if exc[0] is None:
+                self._file.write(b"]\n")
 
 
 @contextlib.contextmanager
@@ -156,12 +221,13 @@ def per_class_ap(ev, names: dict) -> dict:
     return per_class
 
 
-def coco_evaluate(gt: dict, detections: list[dict], iou_type: str = "bbox", backend: str = "ultrafast", *,
-                  files: tuple[Path, Path] | None = None) -> dict:
+def coco_evaluate(gt: dict, detections: list[dict] | Detections, iou_type: str = "bbox",
+                  backend: str = "ultrafast", *, files: tuple[Path, Path] | None = None) -> dict:
     """Return ``{"stats": {name: value}, "per_class": {class: {"AP": .., "AP50": ..}}}``.
 
     ``files``: ``gt`` and ``detections`` as they already are on disk (the split's COCO file, the stage's
-    ``predictions.json``): the library reads those instead of copies written for it.
+    ``predictions.json``): the library reads those instead of copies written for it, and ``detections`` may be
+    their columns. Without ``files``, ``detections`` are the result dicts.
     With no detections at all pycocotools cannot build its results object, so every metric is 0.
     """
     names = {c["id"]: c["name"] for c in gt["categories"]}

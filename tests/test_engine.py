@@ -558,10 +558,12 @@ class Recording(torch.nn.Module):
 
 
 @pytest.mark.parametrize("name, score_thr", [("fcos", 0.0), ("maskrcnn", 0.0), ("maskrcnn", "some")])
-def test_predict_gives_the_per_detection_results_exactly(tiny_coco, name, score_thr):
-    """The vectorised conversion (metrics.coco_results, masks encoded per image) against the loop it replaced, on
-    the same outputs of the model: the same dicts, the same JSON bytes."""
+def test_predict_gives_the_per_detection_results_exactly(tiny_coco, tmp_path, name, score_thr):
+    """The vectorised conversion (metrics.Detections, masks encoded per image, written batch by batch) against the
+    loop it replaced, on the same outputs of the model: the same JSON bytes, the same values in the columns."""
     import orjson
+
+    from detpipe.metrics import Detections
 
     dataset = CocoDetection(tiny_coco / "coco/val.json", tiny_coco / "raw", name == "maskrcnn")
     image_ids = [int(dataset[i][1]["image_id"]) for i in range(len(dataset))]
@@ -570,9 +572,38 @@ def test_predict_gives_the_per_detection_results_exactly(tiny_coco, name, score_
         engine.predict(model, dataset, CPU, batch_size=2)
         best = sorted(float(out["scores"].max()) for out in model.outputs)
         score_thr, model.outputs = (best[0] + best[1]) / 2, []
-    got = engine.predict(model, dataset, CPU, batch_size=2, score_thr=score_thr)
+    got = engine.predict(model, dataset, CPU, batch_size=2, score_thr=score_thr, predictions_file=tmp_path / "p.json")
     want = reference_results(model.outputs, image_ids, dataset.cat_ids, score_thr)
-    assert len(model.outputs) == len(dataset) and len(got) >= 3 and got == want
-    assert len({d["image_id"] for d in got}) < len(dataset) or score_thr == 0.0
-    assert orjson.dumps(got) == orjson.dumps(want)  # no numpy value anywhere: plain Python numbers
-    assert name != "maskrcnn" or all("segmentation" in d for d in got)
+    assert len(model.outputs) == len(dataset) and len(got) >= 3 and len(got) == len(want)
+    assert len({d["image_id"] for d in want}) < len(dataset) or score_thr == 0.0
+    assert (tmp_path / "p.json").read_bytes() == orjson.dumps(want) + b"\n"  # the file the old code wrote
+    assert got.results() == [{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in want]
+    columns = Detections.from_results(want)
+    assert all(np.array_equal(getattr(got, k), getattr(columns, k)) for k in ("image_id", "category_id", "bbox",
+                                                                                "score"))
+    assert name != "maskrcnn" or all("segmentation" in d for d in want)
+    model.outputs = []  # without a file: the same columns, the masks not encoded
+    again = engine.predict(model, dataset, CPU, batch_size=2, score_thr=score_thr)
+    assert np.array_equal(again.bbox, got.bbox) and np.array_equal(again.score, got.score)
+
+
+def test_results_file_is_the_whole_list_written_at_once(tmp_path):
+    """Batches of every size, empty ones first, between and last: the bytes of one orjson.dumps of all of them."""
+    import orjson
+
+    from detpipe.metrics import ResultsFile, write_json_bytes
+
+    batches = [[], [{"image_id": 1, "score": 0.5}], [], [{"image_id": 2, "bbox": [1.0, 2.5]}] * 3, []]
+    with ResultsFile(tmp_path / "a.json") as f:
+        for batch in batches:
+            f.add(batch)
+    write_json_bytes(tmp_path / "b.json", [d for batch in batches for d in batch])
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert orjson.loads((tmp_path / "a.json").read_bytes())[1:] == [{"image_id": 2, "bbox": [1.0, 2.5]}] * 3
+    with ResultsFile(tmp_path / "empty.json"):
+        pass
+    assert (tmp_path / "empty.json").read_bytes() == b"[]\n"
+    with pytest.raises(RuntimeError), ResultsFile(tmp_path / "broken.json") as f:
+        f.add(batches[1])
+        raise RuntimeError("the model failed")
+    assert (tmp_path / "broken.json").read_bytes() == b'[{"image_id":1,"score":0.5}'  # left unclosed: not valid

@@ -413,11 +413,13 @@ def test_the_evaluation_benchmark_runs_at_a_toy_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["identical"] is True and result["detections"] == 200
-    steps = ("pycocotools", BACKENDS[0], "predictions", "predictions_format", "predictions_write", "per_class",
-             "stage_files", "own_work", "results", "results_one_by_one", "own_work_with_results", "end_to_end",
-             "end_to_end_one_by_one")
+    steps = ("pycocotools", BACKENDS[0], "per_class", "stage_files", "own_work", "while_predicting", "columns",
+             "results", "predictions_format", "predictions_write", "voc_analysis", "voc_analysis_from_dicts",
+             "end_to_end", "end_to_end_at_once", "end_to_end_one_by_one")
     assert all(result["seconds"][k]["cpu"] >= 0 for k in steps) and result["seconds"]["pycocotools"]["cpu"] > 0
-    assert "own work / library time" in done.stdout and "both ways: yes" in done.stdout
+    assert set(result["peak_mib"]) == {"end_to_end", "end_to_end_at_once", "end_to_end_one_by_one", "result_dicts",
+                                       "columns"} and all(v > 0 for v in result["peak_mib"].values())  # MiB, 3 digits
+    assert "own work / library time" in done.stdout and "all three ways: yes" in done.stdout
 
 
 @pytest.mark.parametrize("digits", [2, 4])
@@ -450,18 +452,22 @@ def test_round_as_python_refuses_digits_it_cannot_scale_exactly():
         round_as_python(np.zeros(3), 16)
 
 
-def test_coco_results_leaves_the_garbage_collector_as_it_found_it():
+def test_detections_results_leave_the_garbage_collector_as_they_found_it():
     import gc
 
-    from detpipe.metrics import coco_results
+    from detpipe.metrics import Detections
 
     outputs = [(7, np.array([[1.0, 2.0, 11.5, 22.25]], dtype=np.float32), np.array([0.91234], dtype=np.float32),
                 np.array([2]))]
     want = [{"image_id": 7, "category_id": 20, "bbox": [1.0, 2.0, 10.5, 20.25], "score": 0.9123}]
-    assert gc.isenabled() and coco_results(outputs, [10, 20]) == want and gc.isenabled()
+    dets = Detections.from_outputs(outputs, [10, 20])
+    assert gc.isenabled() and dets.results() == want and gc.isenabled()
     gc.disable()
     try:
-        assert coco_results(outputs, [10, 20]) == want and not gc.isenabled()
+        assert dets.results() == want and not gc.isenabled()
     finally:
         gc.enable()
-    assert coco_results([], [10, 20]) == []
+    empty = Detections.from_outputs([], [10, 20])
+    assert empty.results() == [] and len(empty) == 0 and empty.bbox.shape == (0, 4)
+    both = Detections.concat([dets, empty, dets])
+    assert both.results() == want * 2 and Detections.from_results(want * 2).results() == want * 2
