@@ -329,7 +329,7 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
     from pycocotools import mask as mask_utils  # heavy: imported when predicting, not when the module loads
 
     model.eval().to(device)
-    parts = []
+    parts, info = [], {image["id"]: image for image in dataset.images}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     with contextlib.ExitStack() as stack:
         results_file = stack.enter_context(ResultsFile(predictions_file)) if predictions_file else None
@@ -337,11 +337,13 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
             check_terminated()
             images, _ = to_device(list(images), [], device)
             outputs, segmentations = [], []  # per image: (id, boxes, scores, labels); per detection: its RLE
-            for out, target in zip(model(images), targets):
+            for image, out, target in zip(images, model(images), targets):
+                boxes, scores = out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy()
+                _check_output(dataset.coco_file, info[int(target["image_id"])], image, boxes, scores)
                 keep = out["scores"] >= score_thr
-                outputs.append((int(target["image_id"]), out["boxes"][keep].float().cpu().numpy(),
-                                out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()))
-                if results_file is not None and "masks" in out and keep.any():
+                kept = keep.cpu().numpy()
+                outputs.append((int(target["image_id"]), boxes[kept], scores[kept], out["labels"][keep].cpu().numpy()))
+                if results_file is not None and "masks" in out and kept.any():
                     masks = (out["masks"][keep, 0] > 0.5).cpu().numpy().view(np.uint8)  # N x H x W
                     segmentations += [{"size": rle["size"], "counts": rle["counts"].decode()}
                                       for rle in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
@@ -354,6 +356,17 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
                     det["segmentation"] = segmentation
                 results_file.add(results)
     return Detections.concat(parts)
+
+
+def _check_output(coco_file: Path, info: dict, image: torch.Tensor, boxes: np.ndarray, scores: np.ndarray) -> None:
+    """The model's detections on an image are finite, and in the pixels of the image the COCO file describes: else
+    scores and masks would be wrong or unusable (ultrafast-pycocotools hangs on masks of another size)."""
+    if tuple(image.shape[-2:]) != (info["height"], info["width"]):
+        raise DetpipeError(f"{coco_file}: {info['file_name']} is {image.shape[-1]}x{image.shape[-2]} pixels, the "
+                           f"file says {info['width']}x{info['height']}; run the convert stage again")
+    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+        raise DetpipeError(f"{info['file_name']}: the model's boxes or scores are NaN or infinite; its weights are "
+                           f"broken (train it again, with a lower train.lr)")
 
 
 def evaluate(model, dataset: CocoDetection, device, batch_size: int = 8, score_thr: float = 0.0,

@@ -149,6 +149,8 @@ def round_as_python(values: np.ndarray, digits: int) -> np.ndarray:
     if not 0 <= digits <= 15:
         raise ValueError(f"digits must be 0 to 15, got {digits}")
     values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 0:  # out.flat of a 0-d result would write into a copy
+        return round_as_python(values.reshape(1), digits).reshape(())
     scale = 10.0 ** digits
     with np.errstate(all="ignore"):
         scaled = values * scale

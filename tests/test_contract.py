@@ -198,6 +198,9 @@ def test_the_training_prediction_and_inference_loops_stop_at_their_next_step_aft
     from detpipe.models import build_model
 
     class Images(torch.utils.data.Dataset):
+        images, cat_ids = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(2)], [1, 2]
+        coco_file = "val.json"
+
         def __len__(self):
             return 2
 

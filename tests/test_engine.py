@@ -607,3 +607,37 @@ def test_results_file_is_the_whole_list_written_at_once(tmp_path):
         f.add(batches[1])
         raise RuntimeError("the model failed")
     assert (tmp_path / "broken.json").read_bytes() == b'[{"image_id":1,"score":0.5}'  # left unclosed: not valid
+
+
+class Broken(torch.nn.Module):
+    """A model whose weights went bad: NaN boxes (scores fine) or NaN scores (dropped by any threshold)."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+
+    def forward(self, images):
+        nan = torch.tensor(float("nan"))
+        return [{"boxes": torch.tensor([[1.0, 2.0, 9.0, 9.0]]) * (nan if self.what == "boxes" else 1),
+                 "scores": torch.tensor([0.5]) * (nan if self.what == "scores" else 1),
+                 "labels": torch.tensor([1])} for _ in images]
+
+
+@pytest.mark.parametrize("what", ["boxes", "scores"])
+def test_predict_refuses_outputs_that_are_not_finite(tiny_coco, tmp_path, what):
+    dataset = CocoDetection(tiny_coco / "coco/val.json", tiny_coco / "raw")
+    with pytest.raises(DetpipeError, match=r"^\S+\.(png|jpg): the model's boxes or scores are NaN or infinite; "):
+        engine.predict(Broken(what), dataset, CPU, batch_size=2, predictions_file=tmp_path / "p.json")
+
+
+def test_predict_refuses_an_image_of_another_size_than_its_coco_file_says(tiny_coco, tmp_path):
+    """Boxes would be scored in the wrong pixels, and ultrafast-pycocotools hangs on masks of another size."""
+    coco = json.loads((tiny_coco / "coco/val.json").read_text())
+    image = coco["images"][1]
+    width, image["width"] = image["width"], image["width"] + 8
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    dataset = CocoDetection(tmp_path / "val.json", tiny_coco / "raw", with_masks=True)
+    with pytest.raises(DetpipeError) as error:
+        engine.predict(tiny_model("maskrcnn"), dataset, CPU, batch_size=2, predictions_file=tmp_path / "p.json")
+    assert str(error.value) == (f"{tmp_path / 'val.json'}: {image['file_name']} is {width}x{image['height']} pixels, "
+                                f"the file says {width + 8}x{image['height']}; run the convert stage again")

@@ -452,6 +452,15 @@ def test_round_as_python_refuses_digits_it_cannot_scale_exactly():
         round_as_python(np.zeros(3), 16)
 
 
+def test_round_as_python_rounds_a_single_number_as_round_does():
+    """0-d input (a float, a numpy scalar): near a half it goes to Python's round too."""
+    from detpipe.metrics import round_as_python
+
+    for value in (2.675, 0.125, np.float64(1.005), np.array(-2.675)):
+        got = round_as_python(value, 2)
+        assert got.shape == () and float(got) == round(float(value), 2)
+
+
 def test_detections_results_leave_the_garbage_collector_as_they_found_it():
     import gc
 
