@@ -3,6 +3,9 @@
 ``backend`` picks the library that runs COCOeval: ``ultrafast`` is ultrafast-pycocotools (a Rust port that gives
 bit-identical stats and precision/recall arrays, ~90x faster on 500k detections: docs/performance.md;
 tests/test_metrics.py checks the equality), ``pycocotools`` the reference implementation.
+Two inputs the convert stage never writes break that equality: a ground-truth annotation with id 0 (pycocotools
+takes a match to it for no match) and detection masks of another size than their image (ultrafast-pycocotools
+0.1.14 never returns; ``engine.predict`` refuses such images).
 """
 
 from __future__ import annotations
