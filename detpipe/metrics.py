@@ -49,8 +49,8 @@ def library(backend: str) -> tuple[type, type]:
 @dataclass(frozen=True)
 class Detections:
     """Detections as columns, one row each: the values of their COCO result dicts (image id, category id, ``bbox``
-    x, y, w, h, ``score``). ~56 bytes a detection where a result dict takes ~500: 500k detections of a COCO-sized
-    val set are 28 MB instead of ~250 (docs/performance.md)."""
+    x, y, w, h, ``score``). 56 bytes a detection where a result dict takes ~460: 500k detections of a COCO-sized
+    val set are 27 MiB instead of 221 (docs/performance.md)."""
     image_id: np.ndarray     # int64
     category_id: np.ndarray  # int64
     bbox: np.ndarray         # float64, (n, 4)
