@@ -251,7 +251,8 @@ def read_yaml_text(path: Path, what: str = "params file") -> tuple[Any, str]:
 
 
 def apply_override(data: dict, override: str) -> None:
-    """Apply ``a.b=value`` in place; the value is parsed as YAML (``0.1``, ``true``, ``[a, b]``)."""
+    """Apply ``a.b=value`` in place; the value is parsed as YAML (``0.1``, ``true``, ``[a, b]``), and nothing after
+    the ``=`` is the empty string (YAML would read null)."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise DetpipeError(f"--set {override!r}: expected KEY=VALUE")
@@ -262,7 +263,7 @@ def apply_override(data: dict, override: str) -> None:
             raise DetpipeError(f"--set {override!r}: {part!r} is not a section")
         node = node[part]
     try:
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise DetpipeError(f"--set {key}: value {raw!r} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
@@ -328,35 +329,36 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
         _merge(data, read_preset(path.parent / PRESETS, preset))
     for item in overrides:
         apply_override(data, item)
+    where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)  # where a value came from
     resources = data.setdefault("resources", {})  # optional, as are its stages: every key has a default
     for stage in SCHEMA["resources"]:
         if isinstance(resources, dict) and resources.get(stage) is None:
             resources[stage] = {}
-    _validate(data, SCHEMA, str(path))
+    _validate(data, SCHEMA, where)
     milestones = data["train"]["milestones"]
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones):
-        raise DetpipeError(f"{path}: train.milestones must be a list of epoch numbers (>= 1), got {milestones!r}")
+        raise DetpipeError(f"{where}: train.milestones must be a list of epoch numbers (>= 1), got {milestones!r}")
     if data["train"]["early_stop"] and data["train"]["best_metric"] == "last":
-        raise DetpipeError(f"{path}: train.early_stop needs a train.best_metric to watch (bbox_mAP, ...), not 'last'")
+        raise DetpipeError(f"{where}: train.early_stop needs a train.best_metric to watch (bbox_mAP, ...), not 'last'")
     scales = data["train"]["scale_range"]
     if not (len(scales) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scales)
             and 0 < scales[0] <= scales[1]):
-        raise DetpipeError(f"{path}: train.scale_range must be [low, high] with 0 < low <= high, got {scales!r}")
+        raise DetpipeError(f"{where}: train.scale_range must be [low, high] with 0 < low <= high, got {scales!r}")
     data["train"]["scale_range"] = [float(v) for v in scales]
     try:
         check_pyramid(data["model"]["name"], data["model"]["pyramid_levels"], data["model"]["backbone_stages"])
     except DetpipeError as exc:
-        raise DetpipeError(f"{path}: {exc}") from None
+        raise DetpipeError(f"{where}: {exc}") from None
     if data["model"]["max_size"] < data["model"]["min_size"]:
-        raise DetpipeError(f"{path}: model.max_size ({data['model']['max_size']}) is less than model.min_size "
+        raise DetpipeError(f"{where}: model.max_size ({data['model']['max_size']}) is less than model.min_size "
                            f"({data['model']['min_size']})")
     for stage, job in data["resources"].items():
         if job["gpus"] and data["device"] == "cpu":
-            raise DetpipeError(f"{path}: resources.{stage}.gpus asks the cluster for {job['gpus']} GPU(s) but device "
+            raise DetpipeError(f"{where}: resources.{stage}.gpus asks the cluster for {job['gpus']} GPU(s) but device "
                                "is cpu; set device to auto or cuda, or gpus to 0")
     gpus, processes = data["resources"]["train"]["gpus"], data["train"]["processes"]
     if gpus and processes > 1 and processes != gpus:
-        raise DetpipeError(f"{path}: train.processes is {processes} but resources.train.gpus is {gpus}: on GPUs the "
+        raise DetpipeError(f"{where}: train.processes is {processes} but resources.train.gpus is {gpus}: on GPUs the "
                            "train stage runs one process per GPU, so make them equal")
     registry_path = Path(datasets) if datasets else path.parent / DATASETS_FILE.name
     data["data"] = load_dataset_entry(registry_path, data["dataset"])

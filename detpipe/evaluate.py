@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import sys
 from pathlib import Path
 
 from detpipe import config, engine, tracking
@@ -92,6 +93,9 @@ def run(cfg: config.Config, data_dir: Path, image_root: Path, train_dir: Path, o
         write_json(tmp / "metrics.json", metrics)
         if run is not None:
             _log_child(cfg, run, tmp, metrics, model_file, data_dir, split)
+    masks = f", segm mAP {metrics['segm_mAP']:.4f}" if "segm_mAP" in metrics else ""
+    print(f"evaluate -> {out}: bbox mAP {metrics['bbox_mAP']:.4f}, mAP@0.5 {metrics['bbox_mAP_50']:.4f}{masks} "
+          f"({len(dataset)} {split} images, {len(dets)} detections)", file=sys.stderr)
     return metrics
 
 

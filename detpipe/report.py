@@ -92,6 +92,7 @@ def _inputs(data_dir: Path, train_dir: Path, eval_dir: Path) -> dict:
                                ("class", "recall", "precision"), allow_empty=True),
         "trained": trained,
         "config_text": config_text,
+        "config_file": str(train_dir / "config.yaml"),
     }
 
 
@@ -346,7 +347,8 @@ def _read_by_training(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.") for k in config.TRAINING_KEYS)
 
 
-def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), trained: dict | None = None) -> str:
+def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), trained: dict | None = None,
+                      config_file: str = "runs/train/config.yaml") -> str:
     """Shell lines that rebuild this report from its commit, the way the run was launched.
 
     ``tags`` are the training run's launch tags, ``later`` those of the stages after it (tracking.launch_tags):
@@ -354,7 +356,8 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
     the file leaves to its default), after copying in the params file training read, if another. A later stage's
     override of a key training also reads (``device``, ``seed``, ...) is applied only where it equals the value
     training used (``trained``, its resolved config); otherwise it would change the training, so a comment names
-    it instead. Likewise a params file that only a later stage read.
+    it instead. Likewise a params file that only a later stage read. ``config_file``: where the run's resolved
+    params are.
     """
     sha = commit.removesuffix("-dirty")
     settings, notes, params_file = {}, [], tags.get("params_file")
@@ -387,7 +390,7 @@ def reproduce_command(commit: str, tags: dict, later: tuple[dict, ...] = (), tra
     lines = [f"git checkout {sha}", *notes, *steps]
     if commit.endswith("-dirty"):
         lines.insert(0, "# the run had uncommitted changes: the commit alone may not reproduce it; the resolved "
-                        "params are runs/train/config.yaml")
+                        f"params are {config_file}")
     elif commit == "unknown":
         lines = ["# the run was not made in a git checkout: no commit to return to", *notes, *steps]
     return "\n".join(lines)
@@ -427,9 +430,10 @@ def provenance_section(inputs: dict, mlflow: dict) -> str:
     ui = (f"<p>MLflow UI: <code>{html.escape(start)}</code>, then open <a href=\"{html.escape(runs_link)}\">"
           f"{html.escape(runs_link)}</a> (the link lands on the runs table).</p>" if start else
           f'<p>MLflow UI: <a href="{html.escape(runs_link)}">{html.escape(runs_link)}</a></p>')
-    command = html.escape(reproduce_command(run["git_commit"], mlflow["tags"], mlflow.get("later_tags", ()), trained))
+    command = html.escape(reproduce_command(run["git_commit"], mlflow["tags"], mlflow.get("later_tags", ()), trained,
+                                            inputs["config_file"]))
     return (f"{table}<h3>Reproduce</h3><pre>{command}</pre>{ui}"
-            f"<details><summary>Params of the run (runs/train/config.yaml)</summary>"
+            f"<details><summary>Params of the run ({html.escape(inputs['config_file'])})</summary>"
             f"<pre>{html.escape(inputs['config_text'])}</pre></details>")
 
 

@@ -128,3 +128,12 @@ def test_the_resources_section_may_be_left_out(tiny_params):
     del data["resources"]
     tiny_params.write_text(yaml.safe_dump(data))
     assert config.load(tiny_params).resources["evaluate"] == {"threads": 2, "mem_mb": 8000, "runtime": 60, "gpus": 0}
+
+
+def test_an_empty_set_value_is_the_empty_string_and_errors_name_the_set(tiny_params):
+    assert config.load(tiny_params, ["train.load_from="]).train.load_from == ""
+    assert config.load(tiny_params, ["train.load_from=''"]).train.load_from == ""
+    with pytest.raises(DetpipeError, match=r"^\S+detpipe\.yaml with --set train\.lr=-1: train\.lr must be more than 0"):
+        config.load(tiny_params, ["train.lr=-1"])
+    with pytest.raises(DetpipeError, match=r"^\S+detpipe\.yaml with --set train\.lrr=1: unknown key train\.lrr; did"):
+        config.load(tiny_params, ["train.lrr=1"])

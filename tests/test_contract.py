@@ -268,6 +268,9 @@ def test_evaluate_scores_any_checkpoint_on_any_split_without_mlflow(trained, tmp
     assert result.returncode == 0, result.stderr
     metrics = json.loads((cwd / "scored/metrics.json").read_text())
     assert metrics["num_images"] == 8 and "bbox_mAP" in metrics  # the tiny train split
+    assert result.stderr.splitlines()[-1] == (f"evaluate -> scored: bbox mAP {metrics['bbox_mAP']:.4f}, mAP@0.5 "
+                                              f"{metrics['bbox_mAP_50']:.4f} (8 train images, "
+                                              f"{metrics['num_detections']} detections)")
     with sqlite3.connect(cwd / "mlflow.db") as db:
         assert db.execute("select count(*) from metrics").fetchone() == before
     ckpt["meta"]["classes"] = ["a", "b", "c", "d"]

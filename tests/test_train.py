@@ -101,6 +101,17 @@ def test_the_resume_key_follows_the_converted_data_and_the_params(converted, tmp
     assert key != train.resume_key(cfg, tree_hash(changed))
 
 
+
+def test_the_resume_key_of_a_script_piped_to_python(monkeypatch):
+    """``python - < script.py``: __main__'s file is "<stdin>", which has no code to hash (was FileNotFoundError)."""
+    import types
+
+    cfg = config.load(ROOT / "params/detpipe.yaml")
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__="<stdin>"))
+    key = train.resume_key(cfg, "data")
+    assert train.resume_key(cfg, "data") == key != train.resume_key(cfg, "other data")
+
+
 @pytest.mark.slow
 def test_best_checkpoint_and_early_stop(converted, tmp_path):
     cwd = copy(converted, tmp_path / "p")
