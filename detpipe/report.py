@@ -137,22 +137,30 @@ def _delta(value: float, earlier: float | None) -> str:
 
 # --- the sections --------------------------------------------------------------------------------------------
 
-def best_other_run(rows: list[dict], run_id: str) -> dict | None:
-    """The comparison's best training run other than ``run_id`` that has an evaluation (rows come best first)."""
-    return next((r for r in rows if r["run_id"] != run_id and r.get("bbox_mAP") is not None), None)
+def best_other_run(rows: list[dict], run_id: str, data_hash: str | None = None) -> dict | None:
+    """The comparison's best training run other than ``run_id`` that has an evaluation (rows come best first), and
+    trained on the same data (``data_hash``, the run's tag): other data has another val set, whose numbers do not
+    compare."""
+    return next((r for r in rows if r["run_id"] != run_id and r.get("bbox_mAP") is not None
+                 and (data_hash is None or r.get("data_hash") == data_hash[:12])), None)
 
 
-def headline(metrics: dict, rows: list[dict], run_id: str) -> str:
-    best = best_other_run(rows, run_id)
+def headline(metrics: dict, rows: list[dict], run_id: str, data_hash: str | None = None) -> str:
+    best = best_other_run(rows, run_id, data_hash)
     cards = "".join(
         f'<div class="metric"><span>{k}</span><b>{metrics[k]:.3f}</b>'
         f'{_delta(metrics[k], best.get(k) if best else None)}</div>'
         for k in HEADLINE if isinstance(metrics.get(k), (int, float)))
-    if best is None:
+    elsewhere = best_other_run(rows, run_id) if best is None else None
+    if elsewhere is not None:
+        against = ("No other run of this experiment on the same data has been evaluated yet: nothing to compare "
+                   "with (runs on other data, listed under Runs of the experiment, score another val set).")
+    elif best is None:
         against = "No other run of this experiment has been evaluated yet: nothing to compare with."
     else:
-        against = (f"Changes are against the best other run of the experiment, <b>{html.escape(best['run'])}</b> "
-                   f"(<code>{best['run_id'][:8]}</code>, bbox_mAP {best['bbox_mAP']:.3f}).")
+        against = (f"Changes are against the best other run of the experiment on the same data, "
+                   f"<b>{html.escape(best['run'])}</b> (<code>{best['run_id'][:8]}</code>, bbox_mAP "
+                   f"{best['bbox_mAP']:.3f}).")
     return (f'<div class="headline">{cards}</div><p class="note">{against} COCO metrics on '
             f'{metrics["num_images"]} val images, {metrics["num_detections"]} detections kept; voc_mAP_50: '
             f'VOC-style AP at IoU 0.5 (docs/evaluation.md).</p>')
@@ -492,7 +500,7 @@ def build_report(cfg, inputs: dict, image_root: Path, mlflow: dict, comparison: 
     figures: dict[str, bytes] = {}
     rows = comparison if isinstance(comparison, list) else []
     sections = [
-        ("headline", "Headline", headline(metrics, rows, run["run_id"])),
+        ("headline", "Headline", headline(metrics, rows, run["run_id"], run["data_hash"])),
         ("dataset", "Dataset", dataset_section(inputs["stats"], inputs["splits"], image_root,
                                                cfg.report.num_samples, figures)),
         ("training", "Training", training_section(inputs["iterations"], inputs["history"], trained, figures)),

@@ -105,6 +105,16 @@ def test_the_best_other_run_is_the_comparison_s_first_evaluated_other_row():
     assert '<span class="delta down">-0.100</span>' in page and "bbox_mAP_50<" in page
     assert "nothing to compare with" in report.headline({"bbox_mAP": 0.4, "bbox_mAP_50": 0.6, "bbox_mAP_75": 0.2,
                                                          "num_images": 3, "num_detections": 9}, rows[:1], "A")
+    # only runs on the same data compare: another dataset (or split) has another val set
+    rows = [{**r, "data_hash": h} for r, h in zip(rows, ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "bbbbbbbbbbbb"))]
+    assert report.best_other_run(rows, "C", "bbbbbbbbbbbb" + "c" * 52) is None
+    assert report.best_other_run(rows, "C")["run"] == "a"
+    page = report.headline({"bbox_mAP": 0.4, "bbox_mAP_50": 0.6, "bbox_mAP_75": 0.2, "num_images": 3,
+                            "num_detections": 9}, rows, "C", "bbbbbbbbbbbb" + "c" * 52)
+    assert "delta" not in page and "on the same data has been evaluated yet: nothing to compare with" in page
+    page = report.headline({"bbox_mAP": 0.4, "bbox_mAP_50": 0.6, "bbox_mAP_75": 0.2, "num_images": 3,
+                            "num_detections": 9}, rows, "C", "aaaaaaaaaaaa" + "c" * 52)
+    assert '<span class="delta down">-0.100</span>' in page and "experiment on the same data" in page
 
 
 def test_the_reproduce_command_follows_the_launcher():
