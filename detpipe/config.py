@@ -263,9 +263,14 @@ def apply_override(data: dict, override: str) -> None:
             raise DetpipeError(f"--set {override!r}: {part!r} is not a section")
         node = node[part]
     try:
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = parse_value(raw)
     except yaml.YAMLError as exc:
         raise DetpipeError(f"--set {key}: value {raw!r} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value: YAML (``0.1``, ``true``, ``[a, b]``), and nothing at all the empty string."""
+    return yaml.safe_load(raw) if raw.strip() else ""
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -329,10 +334,11 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] = (), datasets: Path | N
         _merge(data, read_preset(path.parent / PRESETS, preset))
     for item in overrides:
         apply_override(data, item)
-    where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)  # where a value came from
+    # where the values came from, on one line: the file, its preset, the --set values as typed
+    where = str(path) + (f" + {PRESETS}/{preset}.yaml" if preset else "") + "".join(f" --set {o!r}" for o in overrides)
     resources = data.setdefault("resources", {})  # optional, as are its stages: every key has a default
     for stage in SCHEMA["resources"]:
-        if isinstance(resources, dict) and resources.get(stage) is None:
+        if isinstance(resources, dict) and resources.get(stage) in (None, ""):  # "": --set resources.train=
             resources[stage] = {}
     _validate(data, SCHEMA, where)
     milestones = data["train"]["milestones"]

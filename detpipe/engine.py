@@ -322,6 +322,8 @@ def train_one_epoch(model, optimizer, scheduler, loader, device: torch.device, e
 def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int = 8, score_thr: float = 0.0,
             predictions_file: Path | None = None) -> Detections:
     """The detections scoring at least ``score_thr``, as columns (category ids of the dataset, bbox x, y, w, h).
+    Label 0 is the background: RetinaNet's and FCOS's sigmoid heads can give it, and it is dropped, as
+    ``inference_detector`` drops it (until 2026-11-27 it became the last class).
 
     With ``predictions_file`` they are also written there as COCO results JSON, RLE masks included for mask
     models, batch by batch as the model produces them: no list of result dicts for the whole set is ever held.
@@ -340,7 +342,7 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
             for image, out, target in zip(images, model(images), targets):
                 boxes, scores = out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy()
                 _check_output(dataset.coco_file, info[int(target["image_id"])], image, boxes, scores)
-                keep = out["scores"] >= score_thr
+                keep = (out["scores"] >= score_thr) & (out["labels"] >= 1)  # 0: background (sigmoid heads give it)
                 kept = keep.cpu().numpy()
                 outputs.append((int(target["image_id"]), boxes[kept], scores[kept], out["labels"][keep].cpu().numpy()))
                 if results_file is not None and "masks" in out and kept.any():

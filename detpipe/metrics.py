@@ -46,7 +46,7 @@ def library(backend: str) -> tuple[type, type]:
     return COCO, COCOeval
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: no element-wise == or hash
 class Detections:
     """Detections as columns, one row each: the values of their COCO result dicts (image id, category id, ``bbox``
     x, y, w, h, ``score``). 56 bytes a detection where a result dict takes ~460: 500k detections of a COCO-sized
@@ -108,7 +108,8 @@ def boxes_xywh(items: list[dict]) -> np.ndarray:
 
 class ResultsFile:
     """A COCO results file written as detections arrive (``with ResultsFile(path) as f: f.add(dicts)``): one line,
-    the very bytes :func:`write_json_bytes` gives for the whole list, without ever holding it."""
+    the very bytes :func:`write_json_bytes` gives for the whole list, without ever holding it. An exception inside
+    the ``with`` removes the file."""
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")  # the callers' outputs are temporary or inside an atomic folder
@@ -129,6 +130,8 @@ class ResultsFile:
         with self._file:
             if exc[0] is None:
                 self._file.write(b"]\n")
+                return
+        Path(self._file.name).unlink()  # no half-written list left behind
 
 
 @contextlib.contextmanager
@@ -232,10 +235,12 @@ def coco_evaluate(gt: dict, detections: list[dict] | Detections, iou_type: str =
 
     ``files``: ``gt`` and ``detections`` as they already are on disk (the split's COCO file, the stage's
     ``predictions.json``): the library reads those instead of copies written for it, and ``detections`` may be
-    their columns. Without ``files``, ``detections`` are the result dicts.
+    their columns. Without ``files``, columns are made result dicts and written for it.
     With no detections at all pycocotools cannot build its results object, so every metric is 0.
     """
     names = {c["id"]: c["name"] for c in gt["categories"]}
+    if isinstance(detections, Detections) and not files:
+        detections = detections.results()  # the library needs them written as result dicts
     if not detections:
         present = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd")}
         per_class = {n: dict.fromkeys(("AP", "AP50"), 0.0 if cid in present else None) for cid, n in names.items()}

@@ -18,7 +18,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 from detpipe import config, tracking, visualize
@@ -345,10 +344,10 @@ def _hydra_value(value) -> str:
 
 def _overrides(tags: dict):
     """``(item, key, value)`` of each ``--set`` override recorded in launch ``tags``, the value read as ``--set``
-    reads it (YAML)."""
+    reads it (:func:`detpipe.config.parse_value`)."""
     for item in shlex.split(tags.get("overrides", "")):
         key, _, raw = item.partition("=")
-        yield item, key, yaml.safe_load(raw)
+        yield item, key, config.parse_value(raw)
 
 
 def _read_by_training(key: str) -> bool:

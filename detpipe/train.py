@@ -90,7 +90,7 @@ def resume_key(cfg: config.Config, data_hash: str) -> str:
     h.update(data_hash.encode())
     ours = lambda name: name in ("detpipe", "__main__") or name.startswith("detpipe.")
     code = {Path(m.__file__) for name, m in list(sys.modules.items()) if ours(name) and getattr(m, "__file__", None)}
-    code = {path for path in code if path.is_file()}  # not "<stdin>" (python - < script.py)
+    code = {path for path in code if path.is_file()}  # not "<stdin>" (python - < script.py): no code to hash
     for path in sorted(code):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()

@@ -133,7 +133,18 @@ def test_the_resources_section_may_be_left_out(tiny_params):
 def test_an_empty_set_value_is_the_empty_string_and_errors_name_the_set(tiny_params):
     assert config.load(tiny_params, ["train.load_from="]).train.load_from == ""
     assert config.load(tiny_params, ["train.load_from=''"]).train.load_from == ""
-    with pytest.raises(DetpipeError, match=r"^\S+detpipe\.yaml with --set train\.lr=-1: train\.lr must be more than 0"):
+    with pytest.raises(DetpipeError, match=r"^\S+detpipe\.yaml --set 'train\.lr=-1': train\.lr must be more than 0"):
         config.load(tiny_params, ["train.lr=-1"])
-    with pytest.raises(DetpipeError, match=r"^\S+detpipe\.yaml with --set train\.lrr=1: unknown key train\.lrr; did"):
+    with pytest.raises(DetpipeError, match=r"^\S+detpipe\.yaml --set 'train\.lrr=1': unknown key train\.lrr; did"):
         config.load(tiny_params, ["train.lrr=1"])
+
+
+def test_params_errors_name_every_source_on_one_line(tiny_params):
+    presets = tiny_params.parent / "presets"
+    presets.mkdir()
+    (presets / "bad.yaml").write_text("train:\n  lr: -1\n")
+    with pytest.raises(DetpipeError) as error:
+        config.load(tiny_params, ["preset=bad", "experiment=a\nb"])
+    assert str(error.value) == (f"{tiny_params} + presets/bad.yaml --set 'preset=bad' --set 'experiment=a\\nb': "
+                                "train.lr must be more than 0, got -1.0")
+    assert config.load(tiny_params, ["resources.train="]).resources.train.gpus == 0  # empty: the defaults

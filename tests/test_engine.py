@@ -528,12 +528,13 @@ def test_profile_train_profiles_the_default_in_both_layouts(tmp_path):
 
 
 def reference_results(outputs, image_ids, cat_ids, score_thr) -> list[dict]:
-    """engine.predict as it was written first: one detection at a time, Python's round, one RLE per mask."""
+    """engine.predict as it was written first: one detection at a time, Python's round, one RLE per mask; with the
+    background label dropped, as predict now does."""
     from pycocotools import mask as mask_utils
 
     from benchmarks.bench_eval import results_one_by_one
 
-    kept = [(out, out["scores"] >= score_thr) for out in outputs]
+    kept = [(out, (out["scores"] >= score_thr) & (out["labels"] >= 1)) for out in outputs]
     results = results_one_by_one([(image_id, out["boxes"][keep].float().numpy(), out["scores"][keep].float().numpy(),
                                    out["labels"][keep].numpy()) for image_id, (out, keep) in zip(image_ids, kept)],
                                  cat_ids)
@@ -606,7 +607,7 @@ def test_results_file_is_the_whole_list_written_at_once(tmp_path):
     with pytest.raises(RuntimeError), ResultsFile(tmp_path / "broken.json") as f:
         f.add(batches[1])
         raise RuntimeError("the model failed")
-    assert (tmp_path / "broken.json").read_bytes() == b'[{"image_id":1,"score":0.5}'  # left unclosed: not valid
+    assert not (tmp_path / "broken.json").exists()  # no half-written list
 
 
 class Broken(torch.nn.Module):
@@ -641,3 +642,22 @@ def test_predict_refuses_an_image_of_another_size_than_its_coco_file_says(tiny_c
         engine.predict(tiny_model("maskrcnn"), dataset, CPU, batch_size=2, predictions_file=tmp_path / "p.json")
     assert str(error.value) == (f"{tmp_path / 'val.json'}: {image['file_name']} is {width}x{image['height']} pixels, "
                                 f"the file says {width + 8}x{image['height']}; run the convert stage again")
+
+
+class Fixed(torch.nn.Module):
+    """Two detections on every image: one of the background label 0 (RetinaNet's and FCOS's heads give it)."""
+
+    def forward(self, images):
+        return [{"boxes": torch.tensor([[1.0, 2.0, 9.0, 9.0], [3.0, 3.0, 7.0, 8.0]]),
+                 "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 2])} for _ in images]
+
+
+def test_predict_drops_the_background_label_and_scores_columns_like_dicts(tiny_coco, tmp_path):
+    from detpipe.metrics import coco_evaluate
+
+    dataset = CocoDetection(tiny_coco / "coco/val.json", tiny_coco / "raw")
+    dets = engine.predict(Fixed(), dataset, CPU, batch_size=2, predictions_file=tmp_path / "p.json")
+    assert len(dets) == len(dataset) and set(dets.category_id.tolist()) == {dataset.cat_ids[1]}
+    assert json.loads((tmp_path / "p.json").read_text()) == dets.results()
+    # columns without the files: made result dicts for the library, the same numbers as the dicts themselves
+    assert coco_evaluate(dataset.coco, dets) == coco_evaluate(dataset.coco, dets.results())

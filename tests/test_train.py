@@ -101,7 +101,6 @@ def test_the_resume_key_follows_the_converted_data_and_the_params(converted, tmp
     assert key != train.resume_key(cfg, tree_hash(changed))
 
 
-
 def test_the_resume_key_of_a_script_piped_to_python(monkeypatch):
     """``python - < script.py``: __main__'s file is "<stdin>", which has no code to hash (was FileNotFoundError)."""
     import types
