@@ -127,6 +127,8 @@ def test_the_reproduce_command_follows_the_launcher():
                                                                                      "dvc repro"]
     elsewhere = report.reproduce_command(sha + "-dirty", {"launcher": "manual"}, config_file="/tmp/t/config.yaml")
     assert elsewhere.splitlines()[0].endswith("the resolved params are /tmp/t/config.yaml")
+    empty = report.reproduce_command(sha, {"launcher": "manual", "overrides": "train.load_from="})
+    assert empty.splitlines()[-1] == """dvc exp run -S 'params/detpipe.yaml:++train.load_from=""'"""  # as --set read it
     # --set overrides and another params file become dvc exp run -S '...:++KEY=VALUE', values in Hydra's grammar
     train = {"launcher": "manual", "overrides": shlex.join(["train.lr=0.02", "experiment=a=b, c", "train.lr=0.03",
                                                             "train.milestones=[8, 11]", "model.weights=null"])}
