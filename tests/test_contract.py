@@ -293,3 +293,26 @@ def test_evaluate_scores_any_checkpoint_on_any_split_without_mlflow(trained, tmp
                           ("notes", "notes: exists and is not an earlier evaluate output (no metrics.json)")):
         assert_one_line_error(run_stage("evaluate", cwd, "--out", out), fragment)
     assert snapshot(cwd) == before
+
+
+def test_evaluate_refuses_broken_weights_and_images_of_another_size(trained, tmp_path):
+    """Weights that give NaN boxes (good scores: NaN scores never pass the model's own threshold) and a COCO file
+    whose image size is wrong: one line, exit 2, no output folder."""
+    import json
+
+    import torch
+
+    cwd = tmp_path / "p"
+    shutil.copytree(trained, cwd)
+    ckpt = torch.load(cwd / "runs/train/model.pt", weights_only=True)
+    ckpt["model"] = {k: v.fill_(float("nan")) if "bbox_reg" in k else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "nan.pt")
+    assert_one_line_error(run_stage("evaluate", cwd, "--checkpoint", str(tmp_path / "nan.pt"), "--out", "x"),
+                          "the model's boxes or scores are NaN or infinite")
+    val = cwd / "data/coco/val.json"
+    coco = json.loads(val.read_text())
+    coco["images"][0]["width"] += 8
+    val.write_text(json.dumps(coco))
+    assert_one_line_error(run_stage("evaluate", cwd, "--out", "y"), f"{Path('data/coco/val.json')}: ",
+                          coco["images"][0]["file_name"], "run the convert stage again")
+    assert not (cwd / "x").exists() and not (cwd / "y").exists() and not list(cwd.glob(".*tmp*"))
