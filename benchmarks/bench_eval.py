@@ -132,7 +132,7 @@ def while_predicting(outputs: list[tuple], cat_ids: list[int], path: Path, batch
     with metrics.ResultsFile(path) as f:
         for start in range(0, len(outputs), batch):
             parts.append(metrics.Detections.from_outputs(outputs[start:start + batch], cat_ids))
-            f.add(parts[-1].results())
+            f.add_detections(parts[-1])
     return metrics.Detections.concat(parts)
 
 

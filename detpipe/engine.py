@@ -351,12 +351,7 @@ def predict(model, dataset: CocoDetection, device: torch.device, batch_size: int
                                       for rle in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
             parts.append(Detections.from_outputs(outputs, dataset.cat_ids))  # the batch at once: far faster
             if results_file is not None:
-                results = parts[-1].results()
-                if segmentations and len(segmentations) != len(results):
-                    raise RuntimeError(f"{len(segmentations)} masks for {len(results)} detections")
-                for det, segmentation in zip(results, segmentations):  # mask models: one RLE per detection
-                    det["segmentation"] = segmentation
-                results_file.add(results)
+                results_file.add_detections(parts[-1], segmentations)
     return Detections.concat(parts)
 
 

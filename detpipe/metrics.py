@@ -123,6 +123,15 @@ class ResultsFile:
             self._file.write(orjson.dumps(results, default=_plain)[1:-1])
             self._empty = False
 
+    def add_detections(self, detections: Detections, segmentations: list[dict] = ()) -> None:
+        """``detections`` as result dicts, each with its RLE mask of ``segmentations`` where there are masks."""
+        results = detections.results()
+        if segmentations and len(segmentations) != len(results):
+            raise RuntimeError(f"{len(segmentations)} masks for {len(results)} detections")
+        for det, segmentation in zip(results, segmentations):  # mask models: one RLE per detection, in order
+            det["segmentation"] = segmentation
+        self.add(results)
+
     def __enter__(self) -> ResultsFile:
         return self
 

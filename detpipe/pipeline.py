@@ -27,7 +27,7 @@ FIGURES = "reports/figures"  # the report's figures as files: Snakemake's report
 PLUGINS = "workflow/formats"  # the project's own dataset formats (see docs/datasets.md)
 LOGS = "logs"
 
-# Layers, lowest first: a module imports only from its own layer or below (tests/test_layers.py).
+# Layers, lowest first: a module imports only from its own layer or below (tests/test_pipeline.py).
 CORE = ("errors", "files", "images", "distributed", "synthetic", "archives", "formats", "formats.coco", "formats.kitti",
         "formats.via", "formats.voc", "formats.yolo", "formats.middle", "conversion", "transforms", "datasets",
         "models", "swap", "rpn", "syncfree", "metrics", "analysis", "engine", "visualize", "cli")
